@@ -1,0 +1,124 @@
+//! `neoc inspect`: what is inside an artifact.
+
+use crate::error::{tract, Result};
+use neo_runtime::artifact::MODEL_FILE;
+use neo_runtime::{Artifact, Manifest};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Cursor;
+use std::path::Path;
+use tract_onnx::prelude::*;
+use tract_onnx::WithOnnx;
+
+/// Summary of an artifact.
+#[derive(Debug, serde::Serialize)]
+pub struct Inspection {
+    pub manifest: Manifest,
+    pub artifact_bytes: u64,
+    /// Operator name → node count, in the stored (decluttered) graph.
+    pub ops: BTreeMap<String, usize>,
+    /// Number of constant values (weights, biases, other constants).
+    pub parameters: u64,
+    pub parameter_bytes: u64,
+}
+
+/// Verifies an artifact and summarizes its graph.
+pub fn inspect(path: &Path) -> Result<Inspection> {
+    let bytes = std::fs::read(path).map_err(|source| crate::CompileError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let artifact = Artifact::from_bytes(&path.display().to_string(), &bytes)?;
+    let nnef = artifact.file(MODEL_FILE).unwrap_or_default();
+    let graph = tract_nnef::nnef()
+        .with_onnx()
+        .model_for_read(&mut Cursor::new(nnef))
+        .map_err(tract("read the stored NNEF graph"))?;
+    let mut ops = BTreeMap::new();
+    let (mut parameters, mut parameter_bytes) = (0u64, 0u64);
+    for node in graph.nodes() {
+        if let Some(k) = node.op_as::<tract_onnx::tract_core::ops::konst::Const>() {
+            parameters += k.val().len() as u64;
+            parameter_bytes += (k.val().len() * k.val().datum_type().size_of()) as u64;
+            continue;
+        }
+        if node.op_is::<tract_onnx::tract_core::ops::source::TypedSource>() {
+            continue;
+        }
+        *ops.entry(node.op.name().to_string()).or_insert(0) += 1;
+    }
+    Ok(Inspection {
+        manifest: artifact.manifest,
+        artifact_bytes: bytes.len() as u64,
+        ops,
+        parameters,
+        parameter_bytes,
+    })
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.2} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+impl Inspection {
+    /// Human-readable report.
+    pub fn render(&self) -> String {
+        let m = &self.manifest;
+        let mut s = String::new();
+        let _ = writeln!(s, "{} (artifact format v{})", m.name, m.format_version);
+        let _ = writeln!(
+            s,
+            "  compiled by   {} {} (tract {}) from {} (sha256 {}…, {})",
+            m.compiler.name,
+            m.compiler.version,
+            m.compiler.tract_version,
+            m.source.file,
+            &m.source.sha256[..m.source.sha256.len().min(12)],
+            mib(m.source.bytes)
+        );
+        let _ = writeln!(
+            s,
+            "  target        {} ({}, cpu {}), precision {}, {} threads, budget {} MiB",
+            m.target.board, m.target.triple, m.target.cpu, m.target.precision, m.target.threads,
+            m.target.memory_budget_mb
+        );
+        for i in &m.inputs {
+            let _ = writeln!(s, "  input         {} {:?} {:?} {:?}", i.name, i.shape, i.dtype, i.layout);
+            if let Some(p) = &i.preprocess {
+                let _ = writeln!(
+                    s,
+                    "    preprocess  resize {:?} ({:?}), crop {:?}, channels {:?}, (x*{} - mean {:?}) / std {:?}",
+                    p.resize, p.interpolation, p.crop, p.channels, p.scale, p.mean, p.std
+                );
+            }
+        }
+        for o in &m.outputs {
+            let _ = write!(s, "  output        {} {:?} {:?} {:?}", o.name, o.shape, o.dtype, o.task);
+            if let Some(sc) = o.scores {
+                let _ = write!(s, ", scores {sc:?}");
+            }
+            if !o.labels.is_empty() {
+                let _ = write!(s, ", {} labels ({}, …)", o.labels.len(), o.labels[0]);
+            }
+            let _ = writeln!(s);
+        }
+        let _ = writeln!(
+            s,
+            "  size          artifact {}, parameters {} ({})",
+            mib(self.artifact_bytes),
+            self.parameters,
+            mib(self.parameter_bytes)
+        );
+        for (name, f) in &m.files {
+            let _ = writeln!(s, "  file          {name} {} sha256 {}", mib(f.bytes), f.sha256);
+        }
+        let total: usize = self.ops.values().sum();
+        let _ = writeln!(s, "  operators     {total} nodes");
+        let mut ops: Vec<_> = self.ops.iter().collect();
+        ops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        for (op, n) in ops {
+            let _ = writeln!(s, "    {n:>5}  {op}");
+        }
+        s
+    }
+}

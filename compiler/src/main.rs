@@ -1,0 +1,250 @@
+//! `neoc`: the neo model compiler's command line.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use neo_boards::Boards;
+use neo_runtime::manifest::{ChannelOrder, Interpolation, Layout, Scores, Task};
+use neoc::card::{parse_floats, parse_resize, parse_shape, parse_size};
+use neoc::CompileOptions;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "neoc",
+    version,
+    about = "neo model compiler: turns a trained ONNX model into a .neo artifact for a board",
+    long_about = "neo model compiler: turns a trained ONNX model into a verified .neo artifact \
+                  (tract NNEF graph + manifest with the preprocessing contract) that the device \
+                  runtime loads without any ONNX code.\n\nQuick start:\n  \
+                  neoc compile model.onnx --target x86_64 -o model.neo\n  \
+                  neoc inspect model.neo\n  \
+                  neo-run classify model.neo image.jpg"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LayoutArg {
+    Nchw,
+    Nhwc,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ChannelsArg {
+    Rgb,
+    Bgr,
+    Gray,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum InterpArg {
+    Nearest,
+    Bilinear,
+    Bicubic,
+    Lanczos3,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TaskArg {
+    Classification,
+    Features,
+    Anomaly,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScoresArg {
+    Logits,
+    Probabilities,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compile an ONNX model into a .neo artifact for a target board.
+    ///
+    /// Preprocessing is part of the model's contract: give it with flags or in a model card
+    /// (`model.toml` beside the model, or --card). Flags override the card. The device then
+    /// feeds raw camera frames and the model sees exactly what it was trained on.
+    ///
+    /// Example (SqueezeNet 1.1, Caffe-style BGR input):
+    ///   neoc compile squeezenet.onnx --target rpi4 -o squeezenet.neo \
+    ///     --resize 256 --crop 224 --channels bgr --mean 104,117,123 --labels labels.txt
+    Compile {
+        /// The trained model (ONNX).
+        model: PathBuf,
+        /// Board to compile for (see `neoc boards`).
+        #[arg(long, short)]
+        target: String,
+        /// Where to write the artifact.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Model card (TOML); default: model.toml beside the model, if present.
+        #[arg(long)]
+        card: Option<PathBuf>,
+        /// Model name stored in the manifest (default: card name or file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Fixed input shape for models with dynamic dimensions, e.g. 1,3,224,224.
+        #[arg(long, value_parser = parse_shape_arg)]
+        input_shape: Option<Vec<usize>>,
+        /// Input layout (default: guessed from where the channel dimension is).
+        #[arg(long, value_enum)]
+        layout: Option<LayoutArg>,
+        /// Resize: 256 scales the shorter side to 256; 224x224 stretches to exactly that.
+        #[arg(long)]
+        resize: Option<String>,
+        /// Center crop after resizing: 224 or 224x224 (must equal the input size).
+        #[arg(long)]
+        crop: Option<String>,
+        /// Resize interpolation [default: bilinear].
+        #[arg(long, value_enum)]
+        interpolation: Option<InterpArg>,
+        /// Channel order the model expects [default: rgb, or gray for 1 channel].
+        #[arg(long, value_enum)]
+        channels: Option<ChannelsArg>,
+        /// Multiplies 0..255 pixel values before mean/std (e.g. 0.00392157 for 1/255).
+        #[arg(long)]
+        scale: Option<f32>,
+        /// Per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406.
+        #[arg(long)]
+        mean: Option<String>,
+        /// Per-channel divisor after the mean, e.g. 0.229,0.224,0.225.
+        #[arg(long)]
+        std: Option<String>,
+        /// Keep only these outputs (repeatable; intermediate tensor names work too).
+        #[arg(long = "output-name")]
+        outputs: Vec<String>,
+        /// What the first output means [default: classification for vectors, else features].
+        #[arg(long, value_enum)]
+        task: Option<TaskArg>,
+        /// Whether classification outputs are logits or probabilities [default: detected].
+        #[arg(long, value_enum)]
+        scores: Option<ScoresArg>,
+        /// Class labels, one per line, in class order.
+        #[arg(long)]
+        labels: Option<PathBuf>,
+    },
+    /// Verify an artifact and show its manifest, operators, parameter count and sizes.
+    Inspect {
+        artifact: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the known target boards (shipped profiles, plus $NEO_BOARDS_DIR).
+    Boards,
+}
+
+fn parse_shape_arg(s: &str) -> Result<Vec<usize>, String> {
+    parse_shape(s).map_err(|e| e.to_string())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let boards = Boards::from_env()?;
+    match cli.command {
+        Command::Boards => {
+            for b in boards.iter() {
+                println!(
+                    "{:<18} {:<28} {:<13} {:>2} threads {:>5} MiB  {}",
+                    b.name, b.triple, b.cpu, b.threads, b.memory_budget_mb, b.description
+                );
+            }
+        }
+        Command::Inspect { artifact, json } => {
+            let report = neoc::inspect(&artifact)
+                .with_context(|| format!("inspecting {}", artifact.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+        }
+        Command::Compile {
+            model,
+            target,
+            output,
+            card,
+            name,
+            input_shape,
+            layout,
+            resize,
+            crop,
+            interpolation,
+            channels,
+            scale,
+            mean,
+            std,
+            outputs,
+            task,
+            scores,
+            labels,
+        } => {
+            let opts = CompileOptions {
+                model: model.clone(),
+                target,
+                output: output.clone(),
+                card,
+                name,
+                input_shape,
+                layout: layout.map(|l| match l {
+                    LayoutArg::Nchw => Layout::Nchw,
+                    LayoutArg::Nhwc => Layout::Nhwc,
+                }),
+                resize: resize.as_deref().map(parse_resize).transpose()?,
+                crop: crop.as_deref().map(parse_size).transpose()?,
+                interpolation: interpolation.map(|i| match i {
+                    InterpArg::Nearest => Interpolation::Nearest,
+                    InterpArg::Bilinear => Interpolation::Bilinear,
+                    InterpArg::Bicubic => Interpolation::Bicubic,
+                    InterpArg::Lanczos3 => Interpolation::Lanczos3,
+                }),
+                channels: channels.map(|c| match c {
+                    ChannelsArg::Rgb => ChannelOrder::Rgb,
+                    ChannelsArg::Bgr => ChannelOrder::Bgr,
+                    ChannelsArg::Gray => ChannelOrder::Gray,
+                }),
+                scale,
+                mean: mean.as_deref().map(|m| parse_floats("--mean", m)).transpose()?,
+                std: std.as_deref().map(|s| parse_floats("--std", s)).transpose()?,
+                outputs,
+                task: task.map(|t| match t {
+                    TaskArg::Classification => Task::Classification,
+                    TaskArg::Features => Task::Features,
+                    TaskArg::Anomaly => Task::Anomaly,
+                }),
+                scores: scores.map(|s| match s {
+                    ScoresArg::Logits => Scores::Logits,
+                    ScoresArg::Probabilities => Scores::Probabilities,
+                }),
+                labels,
+            };
+            let report = neoc::compile(&opts, &boards)?;
+            for note in &report.notes {
+                eprintln!("note: {note}");
+            }
+            let m = &report.manifest;
+            eprintln!(
+                "compiled {} for {} in {:.1} s: {} ({:.2} MiB), self-check max abs diff {:.1e}",
+                model.display(),
+                m.target.board,
+                report.seconds,
+                output.display(),
+                report.artifact_bytes as f64 / (1024.0 * 1024.0),
+                report.self_check_max_diff
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

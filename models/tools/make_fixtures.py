@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Writes the tiny ONNX fixtures the bad-input tests use (models/fixtures/). Deterministic.
+
+  python3 models/tools/make_fixtures.py
+"""
+import os
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, TensorProto
+
+OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
+os.makedirs(OUT, exist_ok=True)
+rng = np.random.default_rng(7)
+
+def conv_model(name, input_shape, extra_nodes=(), out="y"):
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["y" if not extra_nodes else "f"], name="flatten"),
+        *extra_nodes,
+    ]
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+        [w],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="neo fixtures")
+    m.ir_version = 8
+    onnx.save(m, os.path.join(OUT, f"{name}.onnx"))
+
+# Height and width are symbolic: compiling needs --input-shape.
+conv_model("dynamic_hw", [1, 3, "H", "W"])
+# A fixed-shape model that is fine (for the happy path of small tests).
+conv_model("tiny_conv", [1, 3, 8, 8])
+# A real ONNX operator that tract does not implement.
+conv_model("unsupported_op", [1, 3, 8, 8],
+           [helper.make_node("Det", ["f"], ["y"], name="determinant_of_features")])
+print(sorted(os.listdir(OUT)))

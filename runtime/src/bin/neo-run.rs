@@ -1,0 +1,238 @@
+//! `neo-run`: the device-side CLI. Classifies image files or folders with a `.neo` artifact
+//! and prints one JSON line per image.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use neo_runtime::{preprocess, tensor_to_f32, Model};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "neo-run", version, about = "Run compiled neo models (.neo artifacts) on a device")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Classify images: one JSON line per image (file, top-k labels and scores, latency).
+    ///
+    /// Example: neo-run classify squeezenet.neo photos/ --top-k 3
+    Classify {
+        /// The compiled model (`neoc compile ... -o MODEL.neo`).
+        model: PathBuf,
+        /// Image files or folders of images (jpg, png, bmp, tiff, webp).
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// How many classes to print per image.
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+    },
+    /// Verify an artifact (format version, every hash) and print its manifest as JSON.
+    Verify {
+        model: PathBuf,
+    },
+    /// Save the preprocessed input and the raw outputs for one image as .npy files, to compare
+    /// with another runtime on exactly the same input.
+    Dump {
+        model: PathBuf,
+        image: PathBuf,
+        /// Folder for input.npy and output_<n>.npy.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Measure load time and per-image latency (p50, p99) on this device; prints JSON.
+    Bench {
+        model: PathBuf,
+        /// Image to run on (decoded once; preprocessing and inference are timed).
+        #[arg(long)]
+        image: PathBuf,
+        /// Timed runs after warm-up.
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        /// Untimed runs first.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// How many times to time the model load.
+        #[arg(long, default_value_t = 3)]
+        loads: usize,
+    },
+}
+
+/// Writes a little-endian f32 tensor as a NumPy .npy (format 1.0) file.
+fn write_npy(path: &Path, shape: &[usize], values: &[f32]) -> Result<()> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+    // Magic (6) + version (2) + length (2) + header + '\n' must be a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    for v in values {
+        bytes.extend(v.to_le_bytes());
+    }
+    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+
+fn bench(model_path: &Path, image: &Path, runs: usize, warmup: usize, loads: usize) -> Result<serde_json::Value> {
+    let mut load_ms = Vec::new();
+    let mut model = None;
+    for _ in 0..loads.max(1) {
+        let m = Model::load(model_path)?;
+        load_ms.push(m.load_time().as_secs_f64() * 1e3);
+        model = Some(m);
+    }
+    let model = model.context("no model loaded")?;
+    let bytes = std::fs::read(image).with_context(|| format!("cannot read {}", image.display()))?;
+    let img = preprocess::decode(&image.display().to_string(), &bytes)?;
+    let (mut pre, mut inf, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..warmup + runs.max(1) {
+        let (_, t) = model.predict(&img, 1)?;
+        if i >= warmup {
+            pre.push(t.preprocess_ms);
+            inf.push(t.inference_ms);
+            total.push(t.preprocess_ms + t.inference_ms);
+        }
+    }
+    for v in [&mut load_ms, &mut pre, &mut inf, &mut total] {
+        v.sort_by(f64::total_cmp);
+    }
+    let stats = |v: &[f64]| serde_json::json!({"p50": percentile(v, 50.0), "p99": percentile(v, 99.0), "min": v[0]});
+    Ok(serde_json::json!({
+        "model": model.manifest().name,
+        "artifact": model_path.display().to_string(),
+        "image": image.display().to_string(),
+        "runs": runs.max(1),
+        "load_ms": stats(&load_ms),
+        "preprocess_ms": stats(&pre),
+        "inference_ms": stats(&inf),
+        "end_to_end_ms": stats(&total),
+    }))
+}
+
+const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"];
+
+/// Expands folders into their image files (sorted), keeps files as given.
+fn collect_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("cannot list {}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension()
+                        .and_then(|x| x.to_str())
+                        .is_some_and(|x| IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
+                })
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                anyhow::bail!("{} holds no images ({})", path.display(), IMAGE_EXTENSIONS.join(", "));
+            }
+            out.extend(found);
+        } else if path.exists() {
+            out.push(path.clone());
+        } else {
+            anyhow::bail!("{} does not exist", path.display());
+        }
+    }
+    Ok(out)
+}
+
+fn classify_one(model: &Model, path: &Path, top_k: usize) -> Result<serde_json::Value> {
+    let start = Instant::now();
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let name = path.display().to_string();
+    let image = preprocess::decode(&name, &bytes)?;
+    let decode_ms = start.elapsed().as_secs_f64() * 1e3;
+    let (predictions, timings) = model.predict(&image, top_k)?;
+    Ok(serde_json::json!({
+        "file": name,
+        "width": image.width(),
+        "height": image.height(),
+        "predictions": predictions,
+        "latency_ms": {
+            "decode": decode_ms,
+            "preprocess": timings.preprocess_ms,
+            "inference": timings.inference_ms,
+            "total": start.elapsed().as_secs_f64() * 1e3,
+        },
+    }))
+}
+
+fn run(cli: Cli) -> Result<bool> {
+    match cli.command {
+        Command::Verify { model } => {
+            let artifact = neo_runtime::Artifact::open(&model)?;
+            println!("{}", serde_json::to_string_pretty(&artifact.manifest)?);
+            Ok(true)
+        }
+        Command::Dump { model, image, out } => {
+            let model = Model::load(&model)?;
+            let bytes = std::fs::read(&image).with_context(|| format!("cannot read {}", image.display()))?;
+            let img = preprocess::decode(&image.display().to_string(), &bytes)?;
+            let input = model.image_tensor(&img)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            write_npy(&out.join("input.npy"), input.shape(), &tensor_to_f32(&input)?)?;
+            for (i, t) in model.run(vec![input])?.iter().enumerate() {
+                write_npy(&out.join(format!("output_{i}.npy")), t.shape(), &tensor_to_f32(t)?)?;
+            }
+            Ok(true)
+        }
+        Command::Bench { model, image, runs, warmup, loads } => {
+            println!("{}", bench(&model, &image, runs, warmup, loads)?);
+            Ok(true)
+        }
+        Command::Classify { model, images, top_k } => {
+            let images = collect_images(&images)?;
+            let model = Model::load(&model)?;
+            eprintln!(
+                "loaded {} ({} on {}) in {:.1} ms",
+                model.manifest().name,
+                model.manifest().target.precision,
+                model.manifest().target.board,
+                model.load_time().as_secs_f64() * 1e3
+            );
+            let mut all_ok = true;
+            for path in &images {
+                match classify_one(&model, path, top_k) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => {
+                        all_ok = false;
+                        let msg = format!("{e:#}");
+                        eprintln!("error: {msg}");
+                        println!("{}", serde_json::json!({"file": path.display().to_string(), "error": msg}));
+                    }
+                }
+            }
+            Ok(all_ok)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! The artifact manifest: the versioned contract between `neoc` and the device.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Artifact format version this runtime writes and reads. Bump on any incompatible change.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Everything the device needs to know about a compiled model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// Human-readable model name (from the model card or the file name).
+    pub name: String,
+    pub compiler: CompilerInfo,
+    pub source: SourceInfo,
+    pub target: TargetInfo,
+    pub inputs: Vec<InputSpec>,
+    pub outputs: Vec<OutputSpec>,
+    /// Every other file in the artifact, by name, with its hash and size.
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompilerInfo {
+    pub name: String,
+    pub version: String,
+    /// tract version the graph was imported and decluttered with.
+    pub tract_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceInfo {
+    /// File name of the source model (no directories: they are machine-specific).
+    pub file: String,
+    pub format: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    pub board: String,
+    pub triple: String,
+    pub cpu: String,
+    pub precision: String,
+    pub threads: usize,
+    pub memory_budget_mb: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// Element type of a tensor at the model boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    F16,
+    U8,
+    I8,
+    I32,
+    I64,
+}
+
+/// Axis order of an image input tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Layout {
+    Nchw,
+    Nhwc,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub layout: Layout,
+    /// How a raw image becomes this tensor. `None` for non-image inputs.
+    pub preprocess: Option<Preprocess>,
+}
+
+impl InputSpec {
+    /// (batch, channels, height, width) from the shape and layout.
+    pub fn nchw(&self) -> Option<(usize, usize, usize, usize)> {
+        match (self.layout, self.shape.as_slice()) {
+            (Layout::Nchw, &[n, c, h, w]) => Some((n, c, h, w)),
+            (Layout::Nhwc, &[n, h, w, c]) => Some((n, c, h, w)),
+            _ => None,
+        }
+    }
+}
+
+/// Image preprocessing, applied in this order: decode → channel order → resize → center crop →
+/// `(pixel * scale - mean[c]) / std[c]` → layout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preprocess {
+    pub resize: Resize,
+    pub interpolation: Interpolation,
+    /// Center crop to (width, height) after resizing; `None` if the resize gives the input size.
+    pub crop: Option<[u32; 2]>,
+    pub channels: ChannelOrder,
+    /// Multiplies raw 0..255 pixel values first (e.g. 1/255).
+    pub scale: f32,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+/// How the decoded image is resized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum Resize {
+    /// Stretch to exactly this size (aspect ratio not kept).
+    Exact { width: u32, height: u32 },
+    /// Scale so the shorter side has this length, keeping the aspect ratio.
+    ShorterSide { size: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Interpolation {
+    Nearest,
+    Bilinear,
+    Bicubic,
+    Lanczos3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelOrder {
+    Rgb,
+    Bgr,
+    /// Single luminance channel.
+    Gray,
+}
+
+impl ChannelOrder {
+    pub fn count(self) -> usize {
+        match self {
+            ChannelOrder::Rgb | ChannelOrder::Bgr => 3,
+            ChannelOrder::Gray => 1,
+        }
+    }
+}
+
+/// What an output means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Classification,
+    Features,
+    Anomaly,
+}
+
+/// How classification scores are stored in the output tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scores {
+    /// Raw logits: the runtime applies softmax.
+    Logits,
+    /// Already probabilities (the model ends in softmax).
+    Probabilities,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub task: Task,
+    /// For classification: what the values are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scores: Option<Scores>,
+    /// For classification: one label per class, in class order (may be empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+}

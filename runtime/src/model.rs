@@ -1,0 +1,272 @@
+//! A loaded, verified, optimized model ready to run on CPU.
+
+use crate::artifact::{Artifact, MODEL_FILE};
+use crate::error::{Result, RuntimeError};
+use crate::manifest::{DType, Manifest, Scores, Task};
+use crate::preprocess;
+use image::DynamicImage;
+use serde::Serialize;
+use std::io::Cursor;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tract_nnef::prelude::*;
+use tract_onnx_opl::WithOnnx;
+
+/// One class and its score.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Classification {
+    pub class: usize,
+    pub label: Option<String>,
+    pub score: f32,
+}
+
+/// What one output of the model says about one input.
+#[derive(Debug, Clone, Serialize)]
+pub struct Prediction {
+    pub output: String,
+    /// Best classes first (classification outputs only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_k: Vec<Classification>,
+    /// The raw values (feature and anomaly outputs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub values: Option<Vec<f32>>,
+}
+
+/// Time spent in each stage of one inference.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Timings {
+    pub preprocess_ms: f64,
+    pub inference_ms: f64,
+}
+
+/// A model loaded from a `.neo` artifact.
+#[derive(Debug)]
+pub struct Model {
+    manifest: Manifest,
+    plan: Arc<TypedSimplePlan>,
+    load_time: Duration,
+}
+
+fn model_err(context: &str) -> impl Fn(TractError) -> RuntimeError + '_ {
+    move |e| RuntimeError::Model(format!("{context}: {e:#}"))
+}
+
+impl Model {
+    /// Reads, verifies and prepares an artifact file.
+    pub fn load(path: &Path) -> Result<Model> {
+        let start = Instant::now();
+        let artifact = Artifact::open(path)?;
+        let mut model = Self::from_artifact(&artifact)?;
+        model.load_time = start.elapsed();
+        Ok(model)
+    }
+
+    /// Prepares a verified artifact: loads the NNEF graph, checks it against the manifest and
+    /// optimizes it for this CPU.
+    pub fn from_artifact(artifact: &Artifact) -> Result<Model> {
+        let start = Instant::now();
+        let manifest = artifact.manifest.clone();
+        let nnef_bytes = artifact
+            .file(MODEL_FILE)
+            .ok_or_else(|| RuntimeError::BadManifest(format!("no {MODEL_FILE} in the artifact")))?;
+        let typed = tract_nnef::nnef()
+            .with_onnx()
+            .model_for_read(&mut Cursor::new(nnef_bytes))
+            .map_err(model_err("loading the NNEF graph"))?;
+        check_against_manifest(&typed, &manifest)?;
+        let plan = typed
+            .into_optimized()
+            .map_err(model_err("optimizing the graph"))?
+            .into_runnable()
+            .map_err(model_err("planning the graph"))?;
+        Ok(Model { manifest, plan, load_time: start.elapsed() })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Time `load`/`from_artifact` took (verify + parse + optimize).
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// Runs the model on ready-made input tensors, one per manifest input, in order.
+    pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        if inputs.len() != self.manifest.inputs.len() {
+            return Err(RuntimeError::Input(format!(
+                "the model takes {} inputs, got {}",
+                self.manifest.inputs.len(),
+                inputs.len()
+            )));
+        }
+        for (t, spec) in inputs.iter().zip(&self.manifest.inputs) {
+            if t.shape() != spec.shape.as_slice() {
+                return Err(RuntimeError::Input(format!(
+                    "input '{}' must have shape {:?}, got {:?}",
+                    spec.name,
+                    spec.shape,
+                    t.shape()
+                )));
+            }
+        }
+        let outputs = self
+            .plan
+            .run(inputs.into_iter().map(|t| t.into_tvalue()).collect())
+            .map_err(model_err("running"))?;
+        Ok(outputs.into_iter().map(|v| v.into_tensor()).collect())
+    }
+
+    /// The input tensor for one image, preprocessed as the manifest says.
+    pub fn image_tensor(&self, image: &DynamicImage) -> Result<Tensor> {
+        let spec = self.single_input()?;
+        let values = preprocess::image_to_input(spec, image)?;
+        let tensor = Tensor::from_shape(&spec.shape, &values)
+            .map_err(model_err("building the input tensor"))?;
+        if spec.dtype == DType::F32 {
+            return Ok(tensor);
+        }
+        tensor
+            .cast_to_dt(datum(spec.dtype))
+            .map(|t| t.into_owned())
+            .map_err(model_err("converting the input tensor"))
+    }
+
+    fn single_input(&self) -> Result<&crate::manifest::InputSpec> {
+        match self.manifest.inputs.as_slice() {
+            [one] => Ok(one),
+            many => Err(RuntimeError::Input(format!(
+                "image inference needs a model with one input; this one has {}",
+                many.len()
+            ))),
+        }
+    }
+
+    /// Preprocesses an image, runs the model and interprets every output.
+    pub fn predict(&self, image: &DynamicImage, top_k: usize) -> Result<(Vec<Prediction>, Timings)> {
+        let t0 = Instant::now();
+        let input = self.image_tensor(image)?;
+        let t1 = Instant::now();
+        let outputs = self.run(vec![input])?;
+        let t2 = Instant::now();
+        let predictions = self.interpret(&outputs, top_k)?;
+        let timings = Timings {
+            preprocess_ms: (t1 - t0).as_secs_f64() * 1e3,
+            inference_ms: (t2 - t1).as_secs_f64() * 1e3,
+        };
+        Ok((predictions, timings))
+    }
+
+    /// Turns raw output tensors into predictions, following each output's task.
+    pub fn interpret(&self, outputs: &[Tensor], top_k: usize) -> Result<Vec<Prediction>> {
+        self.manifest
+            .outputs
+            .iter()
+            .zip(outputs)
+            .map(|(spec, tensor)| {
+                let values = tensor_to_f32(tensor)?;
+                Ok(match spec.task {
+                    Task::Classification => {
+                        let scores = match spec.scores {
+                            Some(Scores::Logits) => softmax(&values),
+                            _ => values,
+                        };
+                        Prediction {
+                            output: spec.name.clone(),
+                            top_k: top_k_of(&scores, top_k, &spec.labels),
+                            values: None,
+                        }
+                    }
+                    Task::Features | Task::Anomaly => {
+                        Prediction { output: spec.name.clone(), top_k: vec![], values: Some(values) }
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+/// The graph must take and give exactly what the manifest promises.
+fn check_against_manifest(model: &TypedModel, manifest: &Manifest) -> Result<()> {
+    let bad = |m: String| RuntimeError::BadManifest(m);
+    if model.inputs.len() != manifest.inputs.len() || model.outputs.len() != manifest.outputs.len()
+    {
+        return Err(bad(format!(
+            "the graph has {} inputs and {} outputs, the manifest {} and {}",
+            model.inputs.len(),
+            model.outputs.len(),
+            manifest.inputs.len(),
+            manifest.outputs.len()
+        )));
+    }
+    for (ix, spec) in manifest.inputs.iter().enumerate() {
+        let fact = model.input_fact(ix).map_err(model_err("reading input facts"))?;
+        let shape = fact.shape.as_concrete().map(|s| s.to_vec());
+        if shape.as_deref() != Some(spec.shape.as_slice()) || fact.datum_type != datum(spec.dtype) {
+            return Err(bad(format!(
+                "input '{}': graph has {:?} {:?}, manifest says {:?} {:?}",
+                spec.name, fact.datum_type, fact.shape, spec.dtype, spec.shape
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn datum(d: DType) -> DatumType {
+    match d {
+        DType::F32 => f32::datum_type(),
+        DType::F16 => DatumType::F16,
+        DType::U8 => u8::datum_type(),
+        DType::I8 => i8::datum_type(),
+        DType::I32 => i32::datum_type(),
+        DType::I64 => i64::datum_type(),
+    }
+}
+
+/// A tensor's values as f32, whatever its numeric type.
+pub fn tensor_to_f32(tensor: &Tensor) -> Result<Vec<f32>> {
+    let t = tensor.cast_to::<f32>().map_err(model_err("reading a tensor"))?;
+    let view = t.to_plain_array_view::<f32>().map_err(model_err("reading a tensor"))?;
+    Ok(view.iter().copied().collect())
+}
+
+/// Numerically stable softmax.
+pub fn softmax(values: &[f32]) -> Vec<f32> {
+    let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = values.iter().map(|v| (v - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    exps.iter().map(|e| e / sum).collect()
+}
+
+/// The `k` best classes, best first; NaN scores sort last.
+pub fn top_k_of(scores: &[f32], k: usize, labels: &[String]) -> Vec<Classification> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|a, b| scores[*b].total_cmp(&scores[*a]));
+    order.retain(|i| !scores[*i].is_nan());
+    order
+        .into_iter()
+        .take(k)
+        .map(|class| Classification { class, label: labels.get(class).cloned(), score: scores[class] })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let s = softmax(&[1.0, 3.0, 2.0, 1000.0]);
+        assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(s[3] > 0.999 && s[1] > s[2] && s[2] > s[0]);
+    }
+
+    #[test]
+    fn top_k_is_best_first_with_labels() {
+        let labels = vec!["a".to_string(), "b".to_string()];
+        let top = top_k_of(&[0.1, 0.7, f32::NAN, 0.2], 3, &labels);
+        assert_eq!(top.iter().map(|c| c.class).collect::<Vec<_>>(), [1, 3, 0]);
+        assert_eq!(top[0].label.as_deref(), Some("b"));
+        assert_eq!(top[1].label, None);
+    }
+}
