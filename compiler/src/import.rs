@@ -19,7 +19,9 @@ pub fn import(path: &Path) -> Result<Imported> {
     let bytes =
         std::fs::read(path).map_err(|source| CompileError::Io { path: path.to_path_buf(), source })?;
     let not_onnx = |reason: String| CompileError::NotOnnx { path: path.display().to_string(), reason };
-    let onnx = tract_onnx::onnx();
+    // Shapes are inferred by tract from the input facts neoc sets; the shapes an exporter wrote
+    // for intermediate tensors and outputs would pin symbols (a batch `N`) that neoc fixes.
+    let onnx = tract_onnx::onnx().with_ignore_value_info(true).with_ignore_output_shapes(true);
     let proto = onnx.proto_model_for_read(&mut bytes.as_slice()).map_err(|e| {
         not_onnx(format!("protobuf decoding failed ({e}); is the file truncated or of another format?"))
     })?;

@@ -87,8 +87,8 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
         /// Fixed input shape for models with dynamic dimensions, e.g. 1,3,224,224.
-        #[arg(long, value_parser = parse_shape_arg)]
-        input_shape: Option<Vec<usize>>,
+        #[arg(long)]
+        input_shape: Option<String>,
         /// Input layout (default: guessed from where the channel dimension is).
         #[arg(long, value_enum)]
         layout: Option<LayoutArg>,
@@ -137,10 +137,6 @@ enum Command {
     Boards,
 }
 
-fn parse_shape_arg(s: &str) -> Result<Vec<usize>, String> {
-    parse_shape(s).map_err(|e| e.to_string())
-}
-
 fn run(cli: Cli) -> Result<()> {
     let boards = Boards::from_env()?;
     match cli.command {
@@ -187,7 +183,7 @@ fn run(cli: Cli) -> Result<()> {
                 output: output.clone(),
                 card,
                 name,
-                input_shape,
+                input_shape: input_shape.as_deref().map(parse_shape).transpose()?,
                 layout: layout.map(|l| match l {
                     LayoutArg::Nchw => Layout::Nchw,
                     LayoutArg::Nhwc => Layout::Nhwc,
