@@ -258,7 +258,7 @@ fn target_info(board: &BoardProfile) -> TargetInfo {
     }
 }
 
-fn resolve_shape(
+pub(crate) fn resolve_shape(
     name: &str,
     dims: &[Option<usize>],
     given: Option<Vec<usize>>,

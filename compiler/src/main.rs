@@ -135,6 +135,18 @@ enum Command {
     },
     /// List the known target boards (shipped profiles, plus $NEO_BOARDS_DIR).
     Boards,
+    /// Time plain tract-onnx on the source model (load + optimize, inference p50/p99): the
+    /// baseline that `neo-run bench` on the compiled artifact is compared with. Prints JSON.
+    Baseline {
+        model: PathBuf,
+        /// Fixed input shape for models with dynamic dimensions, e.g. 1,3,224,224.
+        #[arg(long)]
+        input_shape: Option<String>,
+        #[arg(long, default_value_t = 3)]
+        loads: usize,
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+    },
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -147,6 +159,21 @@ fn run(cli: Cli) -> Result<()> {
                     b.name, b.triple, b.cpu, b.threads, b.memory_budget_mb, b.description
                 );
             }
+        }
+        Command::Baseline { model, input_shape, loads, runs } => {
+            let shape = input_shape.as_deref().map(parse_shape).transpose()?;
+            let b = neoc::baseline::baseline(&model, shape, loads, runs)
+                .with_context(|| format!("benchmarking {}", model.display()))?;
+            let pct = |v: &[f64], p: f64| v[((p / 100.0) * (v.len() - 1) as f64).round() as usize];
+            println!(
+                "{}",
+                serde_json::json!({
+                    "model": b.model,
+                    "input_shape": b.input_shape,
+                    "load_ms": {"p50": pct(&b.load_ms, 50.0), "min": b.load_ms[0]},
+                    "inference_ms": {"p50": pct(&b.inference_ms, 50.0), "p99": pct(&b.inference_ms, 99.0), "min": b.inference_ms[0]},
+                })
+            );
         }
         Command::Inspect { artifact, json } => {
             let report = neoc::inspect(&artifact)

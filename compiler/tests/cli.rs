@@ -1,6 +1,8 @@
 //! `neoc` end to end on the fixtures shipped in `models/`: the real bottle classifier compiles,
 //! inspects and classifies its held-out samples; bad input gets one clear line and exit 1.
 
+#![allow(clippy::unwrap_used)]
+
 use neo_runtime::{preprocess, Model};
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -3,6 +3,8 @@
 //! must come out as class "red" (this checks decoding, resize, channel order, normalization,
 //! NNEF loading and the artifact checks together).
 
+#![allow(clippy::unwrap_used)]
+
 use neo_runtime::artifact::MODEL_FILE;
 use neo_runtime::manifest::*;
 use neo_runtime::{Artifact, Model, FORMAT_VERSION};

@@ -3,6 +3,8 @@
 //! `.ci/run` runs them with `cargo test -p neo-e2e -- --ignored` when it is present, and then
 //! a missing file is a failure, not a skip.
 
+#![allow(clippy::unwrap_used)]
+
 use neo_boards::Boards;
 use neo_runtime::{preprocess, Model};
 use neoc::CompileOptions;
