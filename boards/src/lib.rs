@@ -59,7 +59,10 @@ const SHIPPED: &[(&str, &str)] = &[
     ("x86_64.toml", include_str!("../profiles/x86_64.toml")),
     ("rpi4.toml", include_str!("../profiles/rpi4.toml")),
     ("rpi5.toml", include_str!("../profiles/rpi5.toml")),
-    ("jetson-orin-nano.toml", include_str!("../profiles/jetson-orin-nano.toml")),
+    (
+        "jetson-orin-nano.toml",
+        include_str!("../profiles/jetson-orin-nano.toml"),
+    ),
 ];
 
 fn parse(origin: &str, text: &str) -> Result<BoardProfile, BoardError> {
@@ -97,7 +100,10 @@ impl Boards {
     /// The shipped profiles, with every `*.toml` in `dir` added (same name replaces).
     pub fn with_dir(dir: &Path) -> Result<Self, BoardError> {
         let mut boards = Self::shipped();
-        let io = |source| BoardError::Io { path: dir.to_path_buf(), source };
+        let io = |source| BoardError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
         let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(io)?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -105,8 +111,10 @@ impl Boards {
             .collect();
         paths.sort();
         for path in paths {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|source| BoardError::Io { path: path.clone(), source })?;
+            let text = std::fs::read_to_string(&path).map_err(|source| BoardError::Io {
+                path: path.clone(),
+                source,
+            })?;
             let profile = parse(&path.display().to_string(), &text)?;
             boards.profiles.retain(|p| p.name != profile.name);
             boards.profiles.push(profile);
@@ -129,10 +137,13 @@ impl Boards {
     }
 
     pub fn get(&self, name: &str) -> Result<&BoardProfile, BoardError> {
-        self.profiles.iter().find(|p| p.name == name).ok_or_else(|| BoardError::Unknown {
-            name: name.to_string(),
-            known: self.names(),
-        })
+        self.profiles
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| BoardError::Unknown {
+                name: name.to_string(),
+                known: self.names(),
+            })
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &BoardProfile> {
@@ -148,9 +159,16 @@ mod tests {
     fn every_shipped_profile_parses() {
         for (file, text) in SHIPPED {
             let p = parse(file, text).expect("shipped profile parses");
-            assert_eq!(format!("{}.toml", p.name), *file, "file name matches board name");
+            assert_eq!(
+                format!("{}.toml", p.name),
+                *file,
+                "file name matches board name"
+            );
         }
-        assert_eq!(Boards::shipped().names(), ["jetson-orin-nano", "rpi4", "rpi5", "x86_64"]);
+        assert_eq!(
+            Boards::shipped().names(),
+            ["jetson-orin-nano", "rpi4", "rpi5", "x86_64"]
+        );
     }
 
     #[test]
@@ -166,7 +184,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let custom = SHIPPED[1].1.replace("threads = 4", "threads = 2");
         std::fs::write(dir.join("rpi4.toml"), custom).unwrap();
-        std::fs::write(dir.join("imx8.toml"), SHIPPED[1].1.replace("\"rpi4\"", "\"imx8\"")).unwrap();
+        std::fs::write(
+            dir.join("imx8.toml"),
+            SHIPPED[1].1.replace("\"rpi4\"", "\"imx8\""),
+        )
+        .unwrap();
         let boards = Boards::with_dir(&dir).unwrap();
         assert_eq!(boards.get("rpi4").unwrap().threads, 2);
         assert!(boards.get("imx8").is_ok());

@@ -21,7 +21,12 @@ pub struct Baseline {
 }
 
 /// Loads `model` with tract-onnx `loads` times and runs it `runs` times on a fixed input.
-pub fn baseline(model: &Path, input_shape: Option<Vec<usize>>, loads: usize, runs: usize) -> Result<Baseline> {
+pub fn baseline(
+    model: &Path,
+    input_shape: Option<Vec<usize>>,
+    loads: usize,
+    runs: usize,
+) -> Result<Baseline> {
     let mut load_ms = Vec::new();
     let mut plan = None;
     let mut shape = vec![];
@@ -48,21 +53,31 @@ pub fn baseline(model: &Path, input_shape: Option<Vec<usize>>, loads: usize, run
         load_ms.push(start.elapsed().as_secs_f64() * 1e3);
         plan = Some((p, dt));
     }
-    let Some((plan, dt)) = plan else { unreachable!("loads >= 1") };
+    let Some((plan, dt)) = plan else {
+        unreachable!("loads >= 1")
+    };
     let count: usize = shape.iter().product();
-    let values: Vec<f32> = (0..count).map(|i| ((i * 7919) % 255) as f32 / 255.0).collect();
+    let values: Vec<f32> = (0..count)
+        .map(|i| ((i * 7919) % 255) as f32 / 255.0)
+        .collect();
     let input = Tensor::from_shape(&shape, &values)
         .and_then(|t| t.cast_to_dt(dt).map(|c| c.into_owned()))
         .map_err(tract("build the input"))?;
     let mut inference_ms = Vec::new();
     for i in 0..runs.max(1) + 5 {
         let start = Instant::now();
-        plan.run(tvec!(input.clone().into_tvalue())).map_err(tract("run the graph"))?;
+        plan.run(tvec!(input.clone().into_tvalue()))
+            .map_err(tract("run the graph"))?;
         if i >= 5 {
             inference_ms.push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
     inference_ms.sort_by(f64::total_cmp);
     load_ms.sort_by(f64::total_cmp);
-    Ok(Baseline { model: model.display().to_string(), input_shape: shape, load_ms, inference_ms })
+    Ok(Baseline {
+        model: model.display().to_string(),
+        input_shape: shape,
+        load_ms,
+        inference_ms,
+    })
 }

@@ -89,8 +89,10 @@ impl SizeSpec {
 impl Card {
     /// Reads a card file; a relative `labels` path is made relative to the card's folder.
     pub fn read(path: &Path) -> Result<Card> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| CompileError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| CompileError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let mut card: Card = toml::from_str(&text).map_err(|e| CompileError::Card {
             path: path.display().to_string(),
             message: e.message().to_string(),
@@ -121,9 +123,15 @@ impl Card {
 pub fn parse_shape(s: &str) -> Result<Vec<usize>> {
     s.split([',', 'x'])
         .map(|d| {
-            d.trim().parse::<usize>().ok().filter(|d| *d > 0).ok_or_else(|| {
-                CompileError::Options(format!("bad shape '{s}': expected positive integers like 1,3,224,224"))
-            })
+            d.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|d| *d > 0)
+                .ok_or_else(|| {
+                    CompileError::Options(format!(
+                        "bad shape '{s}': expected positive integers like 1,3,224,224"
+                    ))
+                })
         })
         .collect()
 }
@@ -132,9 +140,15 @@ pub fn parse_shape(s: &str) -> Result<Vec<usize>> {
 pub fn parse_floats(what: &str, s: &str) -> Result<Vec<f32>> {
     s.split(',')
         .map(|v| {
-            v.trim().parse::<f32>().ok().filter(|v| v.is_finite()).ok_or_else(|| {
-                CompileError::Options(format!("bad {what} '{s}': expected numbers like 0.485,0.456,0.406"))
-            })
+            v.trim()
+                .parse::<f32>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| {
+                    CompileError::Options(format!(
+                        "bad {what} '{s}': expected numbers like 0.485,0.456,0.406"
+                    ))
+                })
         })
         .collect()
 }
@@ -192,7 +206,10 @@ mod tests {
         assert_eq!(parse_shape("1x3x224x224").unwrap(), [1, 3, 224, 224]);
         assert!(parse_shape("1,3,?,224").is_err());
         assert_eq!(parse_resize("256").unwrap(), ResizeSpec::ShorterSide(256));
-        assert_eq!(parse_resize("320x240").unwrap(), ResizeSpec::Exact([320, 240]));
+        assert_eq!(
+            parse_resize("320x240").unwrap(),
+            ResizeSpec::Exact([320, 240])
+        );
         assert_eq!(parse_floats("mean", "0.5, 1").unwrap(), [0.5, 1.0]);
         assert!(parse_floats("mean", "a").is_err());
     }

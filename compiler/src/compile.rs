@@ -59,7 +59,11 @@ pub fn compile(opts: &CompileOptions, boards: &Boards) -> Result<CompileReport> 
         notes.push(format!("model card: {}", p.display()));
     }
 
-    let Imported { proto, mut model, bytes } = import::import(&opts.model)?;
+    let Imported {
+        proto,
+        mut model,
+        bytes,
+    } = import::import(&opts.model)?;
     let graph = proto.graph.as_ref().ok_or_else(|| CompileError::NotOnnx {
         path: opts.model.display().to_string(),
         reason: "no graph".into(),
@@ -121,7 +125,9 @@ pub fn compile(opts: &CompileOptions, boards: &Boards) -> Result<CompileReport> 
     };
     let mut outputs = Vec::new();
     for (ix, outlet) in typed.outputs.iter().enumerate() {
-        let fact = typed.outlet_fact(*outlet).map_err(tract("read the output shapes"))?;
+        let fact = typed
+            .outlet_fact(*outlet)
+            .map_err(tract("read the output shapes"))?;
         let name = typed
             .outlet_label(*outlet)
             .map(str::to_string)
@@ -209,8 +215,10 @@ pub fn compile(opts: &CompileOptions, boards: &Boards) -> Result<CompileReport> 
         outputs,
         files: BTreeMap::new(),
     };
-    let artifact =
-        Artifact::new(manifest, BTreeMap::from([(MODEL_FILE.to_string(), nnef_bytes)]))?;
+    let artifact = Artifact::new(
+        manifest,
+        BTreeMap::from([(MODEL_FILE.to_string(), nnef_bytes)]),
+    )?;
     let artifact_bytes = artifact.to_bytes()?;
 
     // Self-check: the artifact as the device will load it must agree with the source graph.
@@ -225,9 +233,15 @@ pub fn compile(opts: &CompileOptions, boards: &Boards) -> Result<CompileReport> 
     for ((e, g), spec) in expected.iter().zip(&got).zip(&reloaded.manifest.outputs) {
         let (e, g) = (as_f32(e)?, as_f32(g)?);
         let scale = e.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let diff = e.iter().zip(&g).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let diff = e
+            .iter()
+            .zip(&g)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         if diff.is_nan() || diff > 1e-4 * scale {
-            return Err(CompileError::Mismatch { output: spec.name.clone(), diff });
+            return Err(CompileError::Mismatch {
+                output: spec.name.clone(),
+                diff,
+            });
         }
         max_diff = max_diff.max(diff);
     }
@@ -243,7 +257,9 @@ pub fn compile(opts: &CompileOptions, boards: &Boards) -> Result<CompileReport> 
 }
 
 fn file_stem(p: &Path) -> String {
-    p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
 }
 
 fn target_info(board: &BoardProfile) -> TargetInfo {
@@ -266,7 +282,10 @@ pub(crate) fn resolve_shape(
 ) -> Result<Vec<usize>> {
     if let Some(shape) = given {
         let fits = shape.len() == dims.len()
-            && shape.iter().zip(dims).all(|(s, d)| d.is_none_or(|d| d == *s));
+            && shape
+                .iter()
+                .zip(dims)
+                .all(|(s, d)| d.is_none_or(|d| d == *s));
         if !fits {
             return Err(CompileError::Options(format!(
                 "--input-shape {shape:?} does not fit input '{name}' of shape {}",
@@ -291,7 +310,11 @@ pub(crate) fn resolve_shape(
     let hint: Vec<String> = dims
         .iter()
         .enumerate()
-        .map(|(i, d)| d.map_or(if i == 0 { "1".into() } else { "224".into() }, |d| d.to_string()))
+        .map(|(i, d)| {
+            d.map_or(if i == 0 { "1".into() } else { "224".into() }, |d| {
+                d.to_string()
+            })
+        })
         .collect();
     Err(CompileError::DynamicShape {
         name: name.to_string(),
@@ -309,7 +332,9 @@ fn dtype_of(dt: DatumType) -> Result<DType> {
         DatumType::I32 => DType::I32,
         DatumType::I64 => DType::I64,
         other => {
-            return Err(CompileError::Options(format!("tensors of type {other:?} are not supported")))
+            return Err(CompileError::Options(format!(
+                "tensors of type {other:?} are not supported"
+            )))
         }
     })
 }
@@ -351,15 +376,25 @@ fn input_spec(
         None => ChannelOrder::Rgb,
     };
     if channels.count() != c {
-        return Err(opt(format!("channel order {channels:?} gives {} channels but the input has {c}", channels.count())));
+        return Err(opt(format!(
+            "channel order {channels:?} gives {} channels but the input has {c}",
+            channels.count()
+        )));
     }
     let (w32, h32) = (w as u32, h as u32);
     let resize = opts.resize.or(pre.resize).map(ResizeSpec::to_resize);
     let crop = opts.crop.or(pre.crop).map(SizeSpec::wh);
     let resize = match (resize, crop) {
         (Some(r), _) => r,
-        (None, None) => Resize::Exact { width: w32, height: h32 },
-        (None, Some(_)) => return Err(opt("--crop needs --resize (e.g. --resize 256 --crop 224)".into())),
+        (None, None) => Resize::Exact {
+            width: w32,
+            height: h32,
+        },
+        (None, Some(_)) => {
+            return Err(opt(
+                "--crop needs --resize (e.g. --resize 256 --crop 224)".into()
+            ))
+        }
     };
     match (resize, crop) {
         (_, Some(cr)) if cr != [w32, h32] => {
@@ -377,18 +412,28 @@ fn input_spec(
         }
         _ => {}
     }
-    let explicit_norm = opts.mean.is_some() || opts.std.is_some() || opts.scale.is_some()
-        || pre.mean.is_some() || pre.std.is_some() || pre.scale.is_some();
+    let explicit_norm = opts.mean.is_some()
+        || opts.std.is_some()
+        || opts.scale.is_some()
+        || pre.mean.is_some()
+        || pre.std.is_some()
+        || pre.scale.is_some();
     if !explicit_norm {
         notes.push(
             "no --mean/--std/--scale given: the model receives raw 0..255 pixel values".into(),
         );
     }
-    let mean = opts.mean.clone().or(pre.mean.clone()).unwrap_or(vec![0.0; c]);
+    let mean = opts
+        .mean
+        .clone()
+        .or(pre.mean.clone())
+        .unwrap_or(vec![0.0; c]);
     let std = opts.std.clone().or(pre.std.clone()).unwrap_or(vec![1.0; c]);
     let scale = opts.scale.or(pre.scale).unwrap_or(1.0);
     if mean.len() != c || std.len() != c {
-        return Err(opt(format!("--mean and --std need {c} values each (one per channel)")));
+        return Err(opt(format!(
+            "--mean and --std need {c} values each (one per channel)"
+        )));
     }
     if std.iter().any(|s| *s == 0.0) || scale == 0.0 {
         return Err(opt("--std and --scale values must not be zero".into()));
@@ -400,7 +445,10 @@ fn input_spec(
         layout,
         preprocess: Some(Preprocess {
             resize,
-            interpolation: opts.interpolation.or(pre.interpolation).unwrap_or(Interpolation::Bilinear),
+            interpolation: opts
+                .interpolation
+                .or(pre.interpolation)
+                .unwrap_or(Interpolation::Bilinear),
             crop,
             channels,
             scale,
@@ -411,9 +459,15 @@ fn input_spec(
 }
 
 fn read_labels(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| CompileError::Io { path: path.to_path_buf(), source })?;
-    Ok(text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect())
+    let text = std::fs::read_to_string(path).map_err(|source| CompileError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(text
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
 }
 
 /// A deterministic input in the range preprocessing produces (pixels 0..255 normalized).
@@ -440,7 +494,9 @@ fn test_input(spec: &InputSpec) -> Result<Tensor> {
         DType::F16 => DatumType::F16,
         _ => DatumType::F32,
     };
-    t.cast_to_dt(dt).map(|c| c.into_owned()).map_err(tract("build a test input"))
+    t.cast_to_dt(dt)
+        .map(|c| c.into_owned())
+        .map_err(tract("build a test input"))
 }
 
 fn as_f32(t: &Tensor) -> Result<Vec<f32>> {

@@ -12,9 +12,18 @@ pub enum CompileError {
     #[error("{path} is not an ONNX model: {reason}")]
     NotOnnx { path: String, reason: String },
     #[error("unsupported ONNX operator '{op}' at node '{node}'{more}; tract {tract} cannot run it (replace or remove that node before export)")]
-    UnsupportedOp { op: String, node: String, more: String, tract: String },
+    UnsupportedOp {
+        op: String,
+        node: String,
+        more: String,
+        tract: String,
+    },
     #[error("input '{name}' has a dynamic shape {shape}; give a fixed one with --input-shape {hint} (or `shape` under [input] in model.toml)")]
-    DynamicShape { name: String, shape: String, hint: String },
+    DynamicShape {
+        name: String,
+        shape: String,
+        hint: String,
+    },
     #[error("invalid option: {0}")]
     Options(String),
     #[error("model card {path}: {message}")]
@@ -33,5 +42,8 @@ pub type Result<T, E = CompileError> = std::result::Result<T, E>;
 
 /// Wraps a tract error with the stage it happened in.
 pub(crate) fn tract(stage: &str) -> impl Fn(tract_onnx::prelude::TractError) -> CompileError + '_ {
-    move |e| CompileError::Tract { stage: stage.to_string(), message: format!("{e:#}") }
+    move |e| CompileError::Tract {
+        stage: stage.to_string(),
+        message: format!("{e:#}"),
+    }
 }

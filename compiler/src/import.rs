@@ -16,15 +16,26 @@ pub struct Imported {
 
 /// Reads, decodes and checks an ONNX file; every operator must be one tract implements.
 pub fn import(path: &Path) -> Result<Imported> {
-    let bytes =
-        std::fs::read(path).map_err(|source| CompileError::Io { path: path.to_path_buf(), source })?;
-    let not_onnx = |reason: String| CompileError::NotOnnx { path: path.display().to_string(), reason };
+    let bytes = std::fs::read(path).map_err(|source| CompileError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let not_onnx = |reason: String| CompileError::NotOnnx {
+        path: path.display().to_string(),
+        reason,
+    };
     // Shapes are inferred by tract from the input facts neoc sets; the shapes an exporter wrote
     // for intermediate tensors and outputs would pin symbols (a batch `N`) that neoc fixes.
-    let onnx = tract_onnx::onnx().with_ignore_value_info(true).with_ignore_output_shapes(true);
-    let proto = onnx.proto_model_for_read(&mut bytes.as_slice()).map_err(|e| {
-        not_onnx(format!("protobuf decoding failed ({e}); is the file truncated or of another format?"))
-    })?;
+    let onnx = tract_onnx::onnx()
+        .with_ignore_value_info(true)
+        .with_ignore_output_shapes(true);
+    let proto = onnx
+        .proto_model_for_read(&mut bytes.as_slice())
+        .map_err(|e| {
+            not_onnx(format!(
+                "protobuf decoding failed ({e}); is the file truncated or of another format?"
+            ))
+        })?;
     let graph = match proto.graph.as_ref() {
         Some(g) if !g.node.is_empty() && proto.ir_version > 0 => g,
         _ => return Err(not_onnx("it holds no ONNX graph".into())),
@@ -32,7 +43,9 @@ pub fn import(path: &Path) -> Result<Imported> {
     check_operators(&onnx, graph)?;
     let dir = path.parent().and_then(|p| p.to_str());
     let parsed = onnx.parse(&proto, dir).map_err(|e| {
-        not_onnx(format!("{e:#} (is the file truncated, or missing its external data?)"))
+        not_onnx(format!(
+            "{e:#} (is the file truncated, or missing its external data?)"
+        ))
     })?;
     if !parsed.unresolved_inputs.is_empty() {
         return Err(not_onnx(format!(
@@ -40,7 +53,11 @@ pub fn import(path: &Path) -> Result<Imported> {
             parsed.unresolved_inputs
         )));
     }
-    Ok(Imported { proto, model: parsed.model, bytes })
+    Ok(Imported {
+        proto,
+        model: parsed.model,
+        bytes,
+    })
 }
 
 fn check_operators(onnx: &tract_onnx::Onnx, graph: &GraphProto) -> Result<()> {
@@ -68,7 +85,10 @@ fn check_operators(onnx: &tract_onnx::Onnx, graph: &GraphProto) -> Result<()> {
                 format!(
                     " (and {} more: {})",
                     rest.len(),
-                    rest.iter().map(|(o, n)| format!("{o} at '{n}'")).collect::<Vec<_>>().join(", ")
+                    rest.iter()
+                        .map(|(o, n)| format!("{o} at '{n}'"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
             },
             tract: neo_runtime::TRACT_VERSION.to_string(),
@@ -80,13 +100,19 @@ fn check_operators(onnx: &tract_onnx::Onnx, graph: &GraphProto) -> Result<()> {
 pub fn output_is_softmax(graph: &GraphProto, output: &str) -> bool {
     let mut tensor = output.to_string();
     for _ in 0..8 {
-        let Some(node) = graph.node.iter().find(|n| n.output.iter().any(|o| *o == tensor)) else {
+        let Some(node) = graph
+            .node
+            .iter()
+            .find(|n| n.output.iter().any(|o| *o == tensor))
+        else {
             return false;
         };
         match node.op_type.as_str() {
             "Softmax" => return true,
             "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Identity" => {
-                let Some(first) = node.input.first() else { return false };
+                let Some(first) = node.input.first() else {
+                    return false;
+                };
                 tensor = first.clone();
             }
             _ => return false,
@@ -97,17 +123,24 @@ pub fn output_is_softmax(graph: &GraphProto, output: &str) -> bool {
 
 /// The input's dims as written in the model: `Some(n)` where fixed, `None` where symbolic.
 pub fn input_dims(model: &InferenceModel, ix: usize) -> Result<Vec<Option<usize>>> {
-    let fact = model.input_fact(ix).map_err(tract("read the input shape"))?;
+    let fact = model
+        .input_fact(ix)
+        .map_err(tract("read the input shape"))?;
     Ok(fact
         .shape
         .dims()
-        .map(|d| d.concretize().and_then(|d| d.to_i64().ok().and_then(|v| usize::try_from(v).ok())))
+        .map(|d| {
+            d.concretize()
+                .and_then(|d| d.to_i64().ok().and_then(|v| usize::try_from(v).ok()))
+        })
         .collect())
 }
 
 /// Formats dims as `[N,3,224,224]` (`?` for symbolic).
 pub fn format_dims(dims: &[Option<usize>], symbol: &str) -> String {
-    let parts: Vec<String> =
-        dims.iter().map(|d| d.map_or(symbol.to_string(), |d| d.to_string())).collect();
+    let parts: Vec<String> = dims
+        .iter()
+        .map(|d| d.map_or(symbol.to_string(), |d| d.to_string()))
+        .collect();
     format!("[{}]", parts.join(","))
 }

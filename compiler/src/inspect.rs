@@ -79,11 +79,19 @@ impl Inspection {
         let _ = writeln!(
             s,
             "  target        {} ({}, cpu {}), precision {}, {} threads, budget {} MiB",
-            m.target.board, m.target.triple, m.target.cpu, m.target.precision, m.target.threads,
+            m.target.board,
+            m.target.triple,
+            m.target.cpu,
+            m.target.precision,
+            m.target.threads,
             m.target.memory_budget_mb
         );
         for i in &m.inputs {
-            let _ = writeln!(s, "  input         {} {:?} {:?} {:?}", i.name, i.shape, i.dtype, i.layout);
+            let _ = writeln!(
+                s,
+                "  input         {} {:?} {:?} {:?}",
+                i.name, i.shape, i.dtype, i.layout
+            );
             if let Some(p) = &i.preprocess {
                 let _ = writeln!(
                     s,
@@ -93,7 +101,11 @@ impl Inspection {
             }
         }
         for o in &m.outputs {
-            let _ = write!(s, "  output        {} {:?} {:?} {:?}", o.name, o.shape, o.dtype, o.task);
+            let _ = write!(
+                s,
+                "  output        {} {:?} {:?} {:?}",
+                o.name, o.shape, o.dtype, o.task
+            );
             if let Some(sc) = o.scores {
                 let _ = write!(s, ", scores {sc:?}");
             }
@@ -110,7 +122,12 @@ impl Inspection {
             mib(self.parameter_bytes)
         );
         for (name, f) in &m.files {
-            let _ = writeln!(s, "  file          {name} {} sha256 {}", mib(f.bytes), f.sha256);
+            let _ = writeln!(
+                s,
+                "  file          {name} {} sha256 {}",
+                mib(f.bytes),
+                f.sha256
+            );
         }
         let total: usize = self.ops.values().sum();
         let _ = writeln!(s, "  operators     {total} nodes");

@@ -71,6 +71,7 @@ enum Command {
     /// Example (SqueezeNet 1.1, Caffe-style BGR input):
     ///   neoc compile squeezenet.onnx --target rpi4 -o squeezenet.neo \
     ///     --resize 256 --crop 224 --channels bgr --mean 104,117,123 --labels labels.txt
+    #[command(verbatim_doc_comment)]
     Compile {
         /// The trained model (ONNX).
         model: PathBuf,
@@ -160,7 +161,12 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Baseline { model, input_shape, loads, runs } => {
+        Command::Baseline {
+            model,
+            input_shape,
+            loads,
+            runs,
+        } => {
             let shape = input_shape.as_deref().map(parse_shape).transpose()?;
             let b = neoc::baseline::baseline(&model, shape, loads, runs)
                 .with_context(|| format!("benchmarking {}", model.display()))?;
@@ -229,8 +235,14 @@ fn run(cli: Cli) -> Result<()> {
                     ChannelsArg::Gray => ChannelOrder::Gray,
                 }),
                 scale,
-                mean: mean.as_deref().map(|m| parse_floats("--mean", m)).transpose()?,
-                std: std.as_deref().map(|s| parse_floats("--std", s)).transpose()?,
+                mean: mean
+                    .as_deref()
+                    .map(|m| parse_floats("--mean", m))
+                    .transpose()?,
+                std: std
+                    .as_deref()
+                    .map(|s| parse_floats("--std", s))
+                    .transpose()?,
                 outputs,
                 task: task.map(|t| match t {
                     TaskArg::Classification => Task::Classification,

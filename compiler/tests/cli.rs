@@ -8,11 +8,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn neoc(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_neoc")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_neoc"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -24,7 +30,10 @@ fn neoc(args: &[&str]) -> (i32, String, String) {
 fn assert_clear_error(args: &[&str], needles: &[&str]) {
     let (code, _, stderr) = neoc(args);
     assert_eq!(code, 1, "expected failure for {args:?}: {stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
     assert_eq!(errors.len(), 1, "one error line: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     for n in needles {
@@ -41,15 +50,30 @@ fn shipped_bottle_classifier_compiles_and_classifies_its_samples() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bottle.neo");
     let model = repo().join("models/bottle-classifier/model.onnx");
-    let (code, _, stderr) =
-        neoc(&["compile", path_str(&model), "--target", "rpi4", "-o", path_str(&out)]);
+    let (code, _, stderr) = neoc(&[
+        "compile",
+        path_str(&model),
+        "--target",
+        "rpi4",
+        "-o",
+        path_str(&out),
+    ]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stderr.contains("dynamic batch dimension"), "batch note: {stderr}");
+    assert!(
+        stderr.contains("dynamic batch dimension"),
+        "batch note: {stderr}"
+    );
 
     let (code, stdout, stderr) = neoc(&["inspect", path_str(&out)]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("bottle-classifier (artifact format v1)"), "{stdout}");
-    assert!(stdout.contains("rpi4 (aarch64-unknown-linux-gnu"), "{stdout}");
+    assert!(
+        stdout.contains("bottle-classifier (artifact format v1)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("rpi4 (aarch64-unknown-linux-gnu"),
+        "{stdout}"
+    );
     assert!(stdout.contains("Conv"), "op histogram: {stdout}");
     // Backbone (stages 1-4 of EfficientNet-Lite0, ~250k weights) plus a 2x160 head.
     let params: u64 = stdout
@@ -87,7 +111,14 @@ fn compiling_is_reproducible() {
     let a = dir.path().join("a.neo");
     let b = dir.path().join("b.neo");
     for out in [&a, &b] {
-        let (code, _, stderr) = neoc(&["compile", path_str(&model), "-t", "x86_64", "-o", path_str(out)]);
+        let (code, _, stderr) = neoc(&[
+            "compile",
+            path_str(&model),
+            "-t",
+            "x86_64",
+            "-o",
+            path_str(out),
+        ]);
         assert_eq!(code, 0, "{stderr}");
     }
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
@@ -99,10 +130,30 @@ fn a_file_that_is_not_onnx_is_refused() {
     let fake = dir.path().join("model.onnx");
     std::fs::write(&fake, "this is a text file, not a model\n").unwrap();
     let out = dir.path().join("x.neo");
-    assert_clear_error(&["compile", path_str(&fake), "-t", "x86_64", "-o", path_str(&out)], &["is not an ONNX model"]);
+    assert_clear_error(
+        &[
+            "compile",
+            path_str(&fake),
+            "-t",
+            "x86_64",
+            "-o",
+            path_str(&out),
+        ],
+        &["is not an ONNX model"],
+    );
     // A PNG is not a model either.
     let png = repo().join("models/samples/bottle_good_000.png");
-    assert_clear_error(&["compile", path_str(&png), "-t", "x86_64", "-o", path_str(&out)], &["is not an ONNX model"]);
+    assert_clear_error(
+        &[
+            "compile",
+            path_str(&png),
+            "-t",
+            "x86_64",
+            "-o",
+            path_str(&out),
+        ],
+        &["is not an ONNX model"],
+    );
     assert!(!out.exists(), "nothing written on failure");
 }
 
@@ -114,7 +165,17 @@ fn a_truncated_onnx_is_refused() {
     for keep in [bytes.len() / 2, bytes.len() - 100, 1000] {
         let cut = dir.path().join("cut.onnx");
         std::fs::write(&cut, &bytes[..keep]).unwrap();
-        assert_clear_error(&["compile", path_str(&cut), "-t", "x86_64", "-o", path_str(&out)], &["cut.onnx"]);
+        assert_clear_error(
+            &[
+                "compile",
+                path_str(&cut),
+                "-t",
+                "x86_64",
+                "-o",
+                path_str(&out),
+            ],
+            &["cut.onnx"],
+        );
     }
 }
 
@@ -124,8 +185,18 @@ fn an_unsupported_operator_is_named_with_its_node() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.neo");
     assert_clear_error(
-        &["compile", path_str(&model), "-t", "x86_64", "-o", path_str(&out)],
-        &["unsupported ONNX operator 'Det'", "node 'determinant_of_features'"],
+        &[
+            "compile",
+            path_str(&model),
+            "-t",
+            "x86_64",
+            "-o",
+            path_str(&out),
+        ],
+        &[
+            "unsupported ONNX operator 'Det'",
+            "node 'determinant_of_features'",
+        ],
     );
 }
 
@@ -135,17 +206,43 @@ fn a_dynamic_input_shape_needs_input_shape() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.neo");
     assert_clear_error(
-        &["compile", path_str(&model), "-t", "x86_64", "-o", path_str(&out)],
+        &[
+            "compile",
+            path_str(&model),
+            "-t",
+            "x86_64",
+            "-o",
+            path_str(&out),
+        ],
         &["dynamic shape [1,3,?,?]", "--input-shape 1,3,224,224"],
     );
     let (code, _, stderr) = neoc(&[
-        "compile", path_str(&model), "-t", "x86_64", "-o", path_str(&out), "--input-shape", "1,3,32,48",
+        "compile",
+        path_str(&model),
+        "-t",
+        "x86_64",
+        "-o",
+        path_str(&out),
+        "--input-shape",
+        "1,3,32,48",
     ]);
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(Model::load(&out).unwrap().manifest().inputs[0].shape, [1, 3, 32, 48]);
+    assert_eq!(
+        Model::load(&out).unwrap().manifest().inputs[0].shape,
+        [1, 3, 32, 48]
+    );
     // A shape that contradicts the model's fixed dims is refused.
     assert_clear_error(
-        &["compile", path_str(&model), "-t", "x86_64", "-o", path_str(&out), "--input-shape", "1,4,32,48"],
+        &[
+            "compile",
+            path_str(&model),
+            "-t",
+            "x86_64",
+            "-o",
+            path_str(&out),
+            "--input-shape",
+            "1,4,32,48",
+        ],
         &["does not fit input"],
     );
 }
@@ -154,8 +251,18 @@ fn a_dynamic_input_shape_needs_input_shape() {
 fn an_unknown_board_lists_the_known_ones() {
     let model = repo().join("models/fixtures/tiny_conv.onnx");
     assert_clear_error(
-        &["compile", path_str(&model), "-t", "rpi3", "-o", "/tmp/never.neo"],
-        &["unknown board 'rpi3'", "jetson-orin-nano, rpi4, rpi5, x86_64"],
+        &[
+            "compile",
+            path_str(&model),
+            "-t",
+            "rpi3",
+            "-o",
+            "/tmp/never.neo",
+        ],
+        &[
+            "unknown board 'rpi3'",
+            "jetson-orin-nano, rpi4, rpi5, x86_64",
+        ],
     );
 }
 
@@ -166,12 +273,27 @@ fn inconsistent_preprocessing_and_labels_are_refused() {
     let out = dir.path().join("x.neo");
     let o = path_str(&out);
     let m = path_str(&model);
-    assert_clear_error(&["compile", m, "-t", "x86_64", "-o", o, "--resize", "16"], &["add --crop 8x8"]);
-    assert_clear_error(&["compile", m, "-t", "x86_64", "-o", o, "--mean", "1,2"], &["need 3 values"]);
+    assert_clear_error(
+        &["compile", m, "-t", "x86_64", "-o", o, "--resize", "16"],
+        &["add --crop 8x8"],
+    );
+    assert_clear_error(
+        &["compile", m, "-t", "x86_64", "-o", o, "--mean", "1,2"],
+        &["need 3 values"],
+    );
     let labels = dir.path().join("labels.txt");
     std::fs::write(&labels, "a\nb\n").unwrap();
     assert_clear_error(
-        &["compile", m, "-t", "x86_64", "-o", o, "--labels", path_str(&labels)],
+        &[
+            "compile",
+            m,
+            "-t",
+            "x86_64",
+            "-o",
+            o,
+            "--labels",
+            path_str(&labels),
+        ],
         &["2 labels but output 'y' has 4 classes"],
     );
 }
@@ -181,7 +303,14 @@ fn inspect_refuses_a_changed_artifact() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("t.neo");
     let model = repo().join("models/fixtures/tiny_conv.onnx");
-    let (code, _, stderr) = neoc(&["compile", path_str(&model), "-t", "x86_64", "-o", path_str(&out)]);
+    let (code, _, stderr) = neoc(&[
+        "compile",
+        path_str(&model),
+        "-t",
+        "x86_64",
+        "-o",
+        path_str(&out),
+    ]);
     assert_eq!(code, 0, "{stderr}");
     let mut bytes = std::fs::read(&out).unwrap();
     let at = bytes.len() - 1500;

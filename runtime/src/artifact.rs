@@ -40,13 +40,21 @@ impl Artifact {
     pub fn new(mut manifest: Manifest, files: BTreeMap<String, Vec<u8>>) -> Result<Self> {
         for reserved in [MANIFEST_FILE, MANIFEST_HASH_FILE] {
             if files.contains_key(reserved) {
-                return Err(RuntimeError::BadManifest(format!("'{reserved}' is a reserved name")));
+                return Err(RuntimeError::BadManifest(format!(
+                    "'{reserved}' is a reserved name"
+                )));
             }
         }
         manifest.files = files
             .iter()
             .map(|(name, data)| {
-                (name.clone(), FileEntry { sha256: sha256_hex(data), bytes: data.len() as u64 })
+                (
+                    name.clone(),
+                    FileEntry {
+                        sha256: sha256_hex(data),
+                        bytes: data.len() as u64,
+                    },
+                )
             })
             .collect();
         Ok(Artifact { manifest, files })
@@ -91,7 +99,10 @@ impl Artifact {
     /// leaves a half-written artifact under the final name).
     pub fn write(&self, path: &Path) -> Result<()> {
         let bytes = self.to_bytes()?;
-        let io = |source| RuntimeError::Io { path: path.to_path_buf(), source };
+        let io = |source| RuntimeError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let tmp = path.with_extension("neo.partial");
         std::fs::write(&tmp, &bytes).map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)
@@ -99,8 +110,10 @@ impl Artifact {
 
     /// Reads and verifies an artifact file.
     pub fn open(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path)
-            .map_err(|source| RuntimeError::Io { path: path.to_path_buf(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| RuntimeError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::from_bytes(&path.display().to_string(), &bytes)
     }
 
@@ -133,9 +146,9 @@ impl Artifact {
             });
         }
 
-        let stated = entries.remove(MANIFEST_HASH_FILE).ok_or_else(|| {
-            RuntimeError::Corrupt(format!("{MANIFEST_HASH_FILE} is missing"))
-        })?;
+        let stated = entries
+            .remove(MANIFEST_HASH_FILE)
+            .ok_or_else(|| RuntimeError::Corrupt(format!("{MANIFEST_HASH_FILE} is missing")))?;
         let stated = String::from_utf8_lossy(&stated).trim().to_string();
         if stated != sha256_hex(&manifest_bytes) {
             return Err(RuntimeError::Corrupt(format!(
@@ -150,13 +163,20 @@ impl Artifact {
                 .get(name)
                 .ok_or_else(|| RuntimeError::Corrupt(format!("{name} is listed but missing")))?;
             if data.len() as u64 != entry.bytes || sha256_hex(data) != entry.sha256 {
-                return Err(RuntimeError::Corrupt(format!("{name} does not match its sha256")));
+                return Err(RuntimeError::Corrupt(format!(
+                    "{name} does not match its sha256"
+                )));
             }
         }
         if let Some(extra) = entries.keys().find(|k| !manifest.files.contains_key(*k)) {
-            return Err(RuntimeError::Corrupt(format!("{extra} is not listed in the manifest")));
+            return Err(RuntimeError::Corrupt(format!(
+                "{extra} is not listed in the manifest"
+            )));
         }
-        Ok(Artifact { manifest, files: entries })
+        Ok(Artifact {
+            manifest,
+            files: entries,
+        })
     }
 }
 
@@ -189,7 +209,9 @@ fn read_tar(origin: &str, bytes: &[u8]) -> Result<BTreeMap<String, Vec<u8>>> {
         let size = entry.size() as usize;
         // The only header we write is a single ustar block directly before the data.
         if data_at != header_at + BLOCK {
-            return Err(RuntimeError::Corrupt(format!("{name}: unexpected extended header")));
+            return Err(RuntimeError::Corrupt(format!(
+                "{name}: unexpected extended header"
+            )));
         }
         let mut data = Vec::with_capacity(size);
         entry
@@ -205,7 +227,9 @@ fn read_tar(origin: &str, bytes: &[u8]) -> Result<BTreeMap<String, Vec<u8>>> {
         }
         // Padding after the data, inside its last block, must be zero.
         if bytes[data_at + size..last * BLOCK].iter().any(|b| *b != 0) {
-            return Err(RuntimeError::Corrupt(format!("{name}: non-zero tar padding")));
+            return Err(RuntimeError::Corrupt(format!(
+                "{name}: non-zero tar padding"
+            )));
         }
         if files.insert(name.clone(), data).is_some() {
             return Err(RuntimeError::Corrupt(format!("{name} appears twice")));
@@ -217,7 +241,9 @@ fn read_tar(origin: &str, bytes: &[u8]) -> Result<BTreeMap<String, Vec<u8>>> {
     // A complete archive ends with two zero blocks after its last file.
     let end = covered.iter().rposition(|c| *c).map_or(0, |i| i + 1);
     if covered.len() < end + 2 {
-        return Err(RuntimeError::Corrupt("the archive is truncated (no end blocks)".into()));
+        return Err(RuntimeError::Corrupt(
+            "the archive is truncated (no end blocks)".into(),
+        ));
     }
     for (i, seen) in covered.iter().enumerate() {
         if !seen && bytes[i * BLOCK..(i + 1) * BLOCK].iter().any(|b| *b != 0) {
@@ -269,7 +295,10 @@ mod tests {
             ("model.nnef.tar".to_string(), vec![7u8; 1000]),
             ("labels.txt".to_string(), b"a\nb\n".to_vec()),
         ]);
-        Artifact::new(sample_manifest(), files).unwrap().to_bytes().unwrap()
+        Artifact::new(sample_manifest(), files)
+            .unwrap()
+            .to_bytes()
+            .unwrap()
     }
 
     #[test]
@@ -289,7 +318,10 @@ mod tests {
         for i in (0..bytes.len()).step_by(7) {
             let mut bad = bytes.clone();
             bad[i] ^= 0x20;
-            assert!(Artifact::from_bytes("x", &bad).is_err(), "flip at byte {i} went unnoticed");
+            assert!(
+                Artifact::from_bytes("x", &bad).is_err(),
+                "flip at byte {i} went unnoticed"
+            );
         }
     }
 
@@ -299,7 +331,10 @@ mod tests {
         for cut in [512, 1024, 1536, bytes.len() / 2] {
             let err = Artifact::from_bytes("x", &bytes[..bytes.len() - cut]).unwrap_err();
             assert!(
-                matches!(err, RuntimeError::Corrupt(_) | RuntimeError::NotAnArtifact(..)),
+                matches!(
+                    err,
+                    RuntimeError::Corrupt(_) | RuntimeError::NotAnArtifact(..)
+                ),
                 "cut {cut}: {err}"
             );
         }
@@ -311,9 +346,14 @@ mod tests {
     fn newer_format_is_refused_with_the_versions() {
         let mut m = sample_manifest();
         m.format_version = FORMAT_VERSION + 1;
-        let bytes = Artifact::new(m, BTreeMap::new()).unwrap().to_bytes().unwrap();
+        let bytes = Artifact::new(m, BTreeMap::new())
+            .unwrap()
+            .to_bytes()
+            .unwrap();
         let err = Artifact::from_bytes("x", &bytes).unwrap_err();
-        assert!(matches!(err, RuntimeError::NewerFormat { found, .. } if found == FORMAT_VERSION + 1));
+        assert!(
+            matches!(err, RuntimeError::NewerFormat { found, .. } if found == FORMAT_VERSION + 1)
+        );
         assert!(err.to_string().contains("update the device runtime"));
     }
 }

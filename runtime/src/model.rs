@@ -79,7 +79,11 @@ impl Model {
             .map_err(model_err("optimizing the graph"))?
             .into_runnable()
             .map_err(model_err("planning the graph"))?;
-        Ok(Model { manifest, plan, load_time: start.elapsed() })
+        Ok(Model {
+            manifest,
+            plan,
+            load_time: start.elapsed(),
+        })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -143,7 +147,11 @@ impl Model {
     }
 
     /// Preprocesses an image, runs the model and interprets every output.
-    pub fn predict(&self, image: &DynamicImage, top_k: usize) -> Result<(Vec<Prediction>, Timings)> {
+    pub fn predict(
+        &self,
+        image: &DynamicImage,
+        top_k: usize,
+    ) -> Result<(Vec<Prediction>, Timings)> {
         let t0 = Instant::now();
         let input = self.image_tensor(image)?;
         let t1 = Instant::now();
@@ -177,9 +185,11 @@ impl Model {
                             values: None,
                         }
                     }
-                    Task::Features | Task::Anomaly => {
-                        Prediction { output: spec.name.clone(), top_k: vec![], values: Some(values) }
-                    }
+                    Task::Features | Task::Anomaly => Prediction {
+                        output: spec.name.clone(),
+                        top_k: vec![],
+                        values: Some(values),
+                    },
                 })
             })
             .collect()
@@ -200,7 +210,9 @@ fn check_against_manifest(model: &TypedModel, manifest: &Manifest) -> Result<()>
         )));
     }
     for (ix, spec) in manifest.inputs.iter().enumerate() {
-        let fact = model.input_fact(ix).map_err(model_err("reading input facts"))?;
+        let fact = model
+            .input_fact(ix)
+            .map_err(model_err("reading input facts"))?;
         let shape = fact.shape.as_concrete().map(|s| s.to_vec());
         if shape.as_deref() != Some(spec.shape.as_slice()) || fact.datum_type != datum(spec.dtype) {
             return Err(bad(format!(
@@ -225,8 +237,12 @@ fn datum(d: DType) -> DatumType {
 
 /// A tensor's values as f32, whatever its numeric type.
 pub fn tensor_to_f32(tensor: &Tensor) -> Result<Vec<f32>> {
-    let t = tensor.cast_to::<f32>().map_err(model_err("reading a tensor"))?;
-    let view = t.to_plain_array_view::<f32>().map_err(model_err("reading a tensor"))?;
+    let t = tensor
+        .cast_to::<f32>()
+        .map_err(model_err("reading a tensor"))?;
+    let view = t
+        .to_plain_array_view::<f32>()
+        .map_err(model_err("reading a tensor"))?;
     Ok(view.iter().copied().collect())
 }
 
@@ -246,7 +262,11 @@ pub fn top_k_of(scores: &[f32], k: usize, labels: &[String]) -> Vec<Classificati
     order
         .into_iter()
         .take(k)
-        .map(|class| Classification { class, label: labels.get(class).cloned(), score: scores[class] })
+        .map(|class| Classification {
+            class,
+            label: labels.get(class).cloned(),
+            score: scores[class],
+        })
         .collect()
 }
 

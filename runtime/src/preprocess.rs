@@ -7,8 +7,10 @@ use image::DynamicImage;
 
 /// Decodes an encoded image (JPEG, PNG, BMP, TIFF, WebP), detecting the format from its bytes.
 pub fn decode(name: &str, bytes: &[u8]) -> Result<DynamicImage> {
-    image::load_from_memory(bytes)
-        .map_err(|e| RuntimeError::Image { name: name.to_string(), reason: e.to_string() })
+    image::load_from_memory(bytes).map_err(|e| RuntimeError::Image {
+        name: name.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 fn filter(i: Interpolation) -> FilterType {
@@ -69,7 +71,10 @@ fn geometry(p: &Preprocess, img: &DynamicImage, want_w: u32, want_h: u32) -> Res
 /// (batch 1), in the layout of `spec`.
 pub fn image_to_input(spec: &InputSpec, img: &DynamicImage) -> Result<Vec<f32>> {
     let p = spec.preprocess.as_ref().ok_or_else(|| {
-        RuntimeError::Input(format!("input '{}' takes no image (no preprocessing)", spec.name))
+        RuntimeError::Input(format!(
+            "input '{}' takes no image (no preprocessing)",
+            spec.name
+        ))
     })?;
     let (n, c, h, w) = spec.nchw().ok_or_else(|| {
         RuntimeError::Input(format!(
@@ -78,7 +83,9 @@ pub fn image_to_input(spec: &InputSpec, img: &DynamicImage) -> Result<Vec<f32>> 
         ))
     })?;
     if n != 1 {
-        return Err(RuntimeError::Input(format!("batch size {n} is not supported yet (use 1)")));
+        return Err(RuntimeError::Input(format!(
+            "batch size {n} is not supported yet (use 1)"
+        )));
     }
     if c != p.channels.count() || p.mean.len() != c || p.std.len() != c {
         return Err(RuntimeError::BadManifest(format!(
@@ -112,7 +119,11 @@ pub fn image_to_input(spec: &InputSpec, img: &DynamicImage) -> Result<Vec<f32>> 
             let rgb = img.to_rgb8();
             for (i, px) in rgb.pixels().enumerate() {
                 let [r, g, b] = px.0;
-                let (c0, c2) = if order == ChannelOrder::Bgr { (b, r) } else { (r, b) };
+                let (c0, c2) = if order == ChannelOrder::Bgr {
+                    (b, r)
+                } else {
+                    (r, b)
+                };
                 put(i, 0, c0);
                 put(i, 1, g);
                 put(i, 2, c2);
@@ -161,7 +172,10 @@ mod tests {
         // Shorter side 4 already: no resize. Center crop 2x2 of 4x6 starts at (1, 2).
         // Channel 0 is blue = 100 + x + 10y; (v - 10) / 2.
         let blue = |x: f32, y: f32| (100.0 + x + 10.0 * y - 10.0) / 2.0;
-        assert_eq!(&v[0..4], &[blue(1., 2.), blue(2., 2.), blue(1., 3.), blue(2., 3.)]);
+        assert_eq!(
+            &v[0..4],
+            &[blue(1., 2.), blue(2., 2.), blue(1., 3.), blue(2., 3.)]
+        );
         // Channel 1 is green = y.
         assert_eq!(&v[4..8], &[-4.0, -4.0, -3.5, -3.5]);
         // Channel 2 is red = x.
@@ -172,7 +186,10 @@ mod tests {
     fn nhwc_interleaves_channels() {
         let s = spec(Layout::Nhwc, ChannelOrder::Rgb, vec![1, 2, 2, 3]);
         let v = image_to_input(&s, &image()).unwrap();
-        assert_eq!(&v[0..3], &[(1.0 - 10.0) / 2.0, (2.0 - 10.0) / 2.0, (121.0 - 10.0) / 2.0]);
+        assert_eq!(
+            &v[0..3],
+            &[(1.0 - 10.0) / 2.0, (2.0 - 10.0) / 2.0, (121.0 - 10.0) / 2.0]
+        );
     }
 
     #[test]
@@ -192,7 +209,10 @@ mod tests {
         assert_eq!(image_to_input(&s, &big).unwrap().len(), 12);
         let mut s2 = s.clone();
         if let Some(p) = s2.preprocess.as_mut() {
-            p.resize = Resize::Exact { width: 1, height: 1 };
+            p.resize = Resize::Exact {
+                width: 1,
+                height: 1,
+            };
         }
         let err = image_to_input(&s2, &big).unwrap_err().to_string();
         assert!(err.contains("smaller than the 2x2 crop"), "{err}");
@@ -200,13 +220,21 @@ mod tests {
 
     #[test]
     fn shorter_side_keeps_aspect() {
-        assert_eq!(resized_size(Resize::ShorterSide { size: 256 }, 640, 480), (341, 256));
-        assert_eq!(resized_size(Resize::ShorterSide { size: 256 }, 480, 640), (256, 341));
+        assert_eq!(
+            resized_size(Resize::ShorterSide { size: 256 }, 640, 480),
+            (341, 256)
+        );
+        assert_eq!(
+            resized_size(Resize::ShorterSide { size: 256 }, 480, 640),
+            (256, 341)
+        );
     }
 
     #[test]
     fn undecodable_bytes_are_an_image_error() {
-        let err = decode("x.jpg", b"\xff\xd8\xff garbage").unwrap_err().to_string();
+        let err = decode("x.jpg", b"\xff\xd8\xff garbage")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("cannot decode image x.jpg"), "{err}");
     }
 }

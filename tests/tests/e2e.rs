@@ -11,9 +11,9 @@ use neoc::CompileOptions;
 use std::path::{Path, PathBuf};
 
 fn data() -> PathBuf {
-    std::env::var_os("NEO_DATA").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data")
-    })
+    std::env::var_os("NEO_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
 }
 
 fn repo() -> PathBuf {
@@ -30,7 +30,10 @@ fn compile(model: &str, card: &str, out: &Path) -> Model {
         ..Default::default()
     };
     let report = neoc::compile(&opts, &Boards::shipped()).expect("compiles");
-    assert_eq!(report.self_check_max_diff, 0.0, "artifact reproduces the source graph");
+    assert_eq!(
+        report.self_check_max_diff, 0.0,
+        "artifact reproduces the source graph"
+    );
     Model::load(out).expect("artifact loads")
 }
 

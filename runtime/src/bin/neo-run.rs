@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "neo-run", version, about = "Run compiled neo models (.neo artifacts) on a device")]
+#[command(
+    name = "neo-run",
+    version,
+    about = "Run compiled neo models (.neo artifacts) on a device"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,9 +35,7 @@ enum Command {
         top_k: usize,
     },
     /// Verify an artifact (format version, every hash) and print its manifest as JSON.
-    Verify {
-        model: PathBuf,
-    },
+    Verify { model: PathBuf },
     /// Save the preprocessed input and the raw outputs for one image as .npy files, to compare
     /// with another runtime on exactly the same input.
     Dump {
@@ -64,7 +66,11 @@ enum Command {
 /// Writes a little-endian f32 tensor as a NumPy .npy (format 1.0) file.
 fn write_npy(path: &Path, shape: &[usize], values: &[f32]) -> Result<()> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
     // Magic (6) + version (2) + length (2) + header + '\n' must be a multiple of 64.
     while (10 + header.len() + 1) % 64 != 0 {
@@ -88,8 +94,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-
-fn bench(model_path: &Path, image: &Path, runs: usize, warmup: usize, loads: usize) -> Result<serde_json::Value> {
+fn bench(
+    model_path: &Path,
+    image: &Path,
+    runs: usize,
+    warmup: usize,
+    loads: usize,
+) -> Result<serde_json::Value> {
     let mut load_ms = Vec::new();
     let mut model = None;
     for _ in 0..loads.max(1) {
@@ -136,14 +147,18 @@ fn collect_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 .with_context(|| format!("cannot list {}", path.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| {
-                    p.extension()
-                        .and_then(|x| x.to_str())
-                        .is_some_and(|x| IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
+                    p.extension().and_then(|x| x.to_str()).is_some_and(|x| {
+                        IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str())
+                    })
                 })
                 .collect();
             found.sort();
             if found.is_empty() {
-                anyhow::bail!("{} holds no images ({})", path.display(), IMAGE_EXTENSIONS.join(", "));
+                anyhow::bail!(
+                    "{} holds no images ({})",
+                    path.display(),
+                    IMAGE_EXTENSIONS.join(", ")
+                );
             }
             out.extend(found);
         } else if path.exists() {
@@ -185,21 +200,41 @@ fn run(cli: Cli) -> Result<bool> {
         }
         Command::Dump { model, image, out } => {
             let model = Model::load(&model)?;
-            let bytes = std::fs::read(&image).with_context(|| format!("cannot read {}", image.display()))?;
+            let bytes = std::fs::read(&image)
+                .with_context(|| format!("cannot read {}", image.display()))?;
             let img = preprocess::decode(&image.display().to_string(), &bytes)?;
             let input = model.image_tensor(&img)?;
-            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-            write_npy(&out.join("input.npy"), input.shape(), &tensor_to_f32(&input)?)?;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            write_npy(
+                &out.join("input.npy"),
+                input.shape(),
+                &tensor_to_f32(&input)?,
+            )?;
             for (i, t) in model.run(vec![input])?.iter().enumerate() {
-                write_npy(&out.join(format!("output_{i}.npy")), t.shape(), &tensor_to_f32(t)?)?;
+                write_npy(
+                    &out.join(format!("output_{i}.npy")),
+                    t.shape(),
+                    &tensor_to_f32(t)?,
+                )?;
             }
             Ok(true)
         }
-        Command::Bench { model, image, runs, warmup, loads } => {
+        Command::Bench {
+            model,
+            image,
+            runs,
+            warmup,
+            loads,
+        } => {
             println!("{}", bench(&model, &image, runs, warmup, loads)?);
             Ok(true)
         }
-        Command::Classify { model, images, top_k } => {
+        Command::Classify {
+            model,
+            images,
+            top_k,
+        } => {
             let images = collect_images(&images)?;
             let model = Model::load(&model)?;
             eprintln!(
@@ -217,7 +252,10 @@ fn run(cli: Cli) -> Result<bool> {
                         all_ok = false;
                         let msg = format!("{e:#}");
                         eprintln!("error: {msg}");
-                        println!("{}", serde_json::json!({"file": path.display().to_string(), "error": msg}));
+                        println!(
+                            "{}",
+                            serde_json::json!({"file": path.display().to_string(), "error": msg})
+                        );
                     }
                 }
             }
