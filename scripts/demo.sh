@@ -5,20 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 board=${1:-x86_64}
-cargo build --bins --quiet   # the same (dev) build `cargo test` uses; tract is optimized in it
+# The same dev build `cargo test --workspace` uses (tract is optimized in it), so the two
+# README commands build once.
+cargo build --workspace --all-targets --quiet
 mkdir -p out
-echo "== neoc compile models/bottle-classifier/model.onnx --target $board"
+echo "== neoc compile models/bottle-classifier/model.onnx --target $board -o out/bottle-classifier.neo"
 ./target/debug/neoc compile models/bottle-classifier/model.onnx --target "$board" -o out/bottle-classifier.neo
+echo
 echo "== neoc inspect out/bottle-classifier.neo"
-./target/debug/neoc inspect out/bottle-classifier.neo | head -12
-echo "== neo-run classify out/bottle-classifier.neo models/samples/"
-./target/debug/neo-run classify out/bottle-classifier.neo models/samples/ --top-k 1 |
-  python3 -c '
-import json, sys
-for line in sys.stdin:
-    r = json.loads(line)
-    if "error" in r:
-        print(f"{r[\"file\"]}: ERROR {r[\"error\"]}"); continue
-    top = r["predictions"][0]["top_k"][0]
-    print(f"{r[\"file\"]:<48} {top[\"label\"]:<7} {top[\"score\"]:.3f}   {r[\"latency_ms\"][\"total\"]:.1f} ms")
-' 2>/dev/null || ./target/debug/neo-run classify out/bottle-classifier.neo models/samples/ --top-k 1
+./target/debug/neoc inspect out/bottle-classifier.neo
+echo
+echo "== neo-run classify out/bottle-classifier.neo models/samples/ --format text"
+./target/debug/neo-run classify out/bottle-classifier.neo models/samples/ --format text
+echo
+echo "(JSON lines for programs: neo-run classify out/bottle-classifier.neo models/samples/)"

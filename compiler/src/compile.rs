@@ -435,7 +435,7 @@ fn input_spec(
             "--mean and --std need {c} values each (one per channel)"
         )));
     }
-    if std.iter().any(|s| *s == 0.0) || scale == 0.0 {
+    if std.contains(&0.0) || scale == 0.0 {
         return Err(opt("--std and --scale values must not be zero".into()));
     }
     Ok(InputSpec {

@@ -100,11 +100,7 @@ fn check_operators(onnx: &tract_onnx::Onnx, graph: &GraphProto) -> Result<()> {
 pub fn output_is_softmax(graph: &GraphProto, output: &str) -> bool {
     let mut tensor = output.to_string();
     for _ in 0..8 {
-        let Some(node) = graph
-            .node
-            .iter()
-            .find(|n| n.output.iter().any(|o| *o == tensor))
-        else {
+        let Some(node) = graph.node.iter().find(|n| n.output.contains(&tensor)) else {
             return false;
         };
         match node.op_type.as_str() {

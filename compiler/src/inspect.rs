@@ -15,7 +15,7 @@ use tract_onnx::WithOnnx;
 pub struct Inspection {
     pub manifest: Manifest,
     pub artifact_bytes: u64,
-    /// Operator name → node count, in the stored (decluttered) graph.
+    /// Operator name → node count, in the stored graph as the device loads it (decluttered).
     pub ops: BTreeMap<String, usize>,
     /// Number of constant values (weights, biases, other constants).
     pub parameters: u64,
@@ -33,7 +33,10 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     let graph = tract_nnef::nnef()
         .with_onnx()
         .model_for_read(&mut Cursor::new(nnef))
-        .map_err(tract("read the stored NNEF graph"))?;
+        .map_err(tract("read the stored NNEF graph"))?
+        // Loading NNEF leaves identity casts around constants; declutter as the device does.
+        .into_decluttered()
+        .map_err(tract("declutter the stored graph"))?;
     let mut ops = BTreeMap::new();
     let (mut parameters, mut parameter_bytes) = (0u64, 0u64);
     for node in graph.nodes() {

@@ -1,7 +1,7 @@
 //! `neoc`: the neo model compiler's command line.
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use neo_boards::Boards;
 use neo_runtime::manifest::{ChannelOrder, Interpolation, Layout, Scores, Task};
 use neoc::card::{parse_floats, parse_resize, parse_shape, parse_size};
@@ -60,6 +60,63 @@ enum ScoresArg {
     Probabilities,
 }
 
+#[derive(Args)]
+struct CompileArgs {
+    /// The trained model (ONNX).
+    model: PathBuf,
+    /// Board to compile for (see `neoc boards`).
+    #[arg(long, short)]
+    target: String,
+    /// Where to write the artifact.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Model card (TOML); default: model.toml beside the model, if present.
+    #[arg(long)]
+    card: Option<PathBuf>,
+    /// Model name stored in the manifest (default: card name or file name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Fixed input shape for models with dynamic dimensions, e.g. 1,3,224,224.
+    #[arg(long)]
+    input_shape: Option<String>,
+    /// Input layout (default: guessed from where the channel dimension is).
+    #[arg(long, value_enum)]
+    layout: Option<LayoutArg>,
+    /// Resize: 256 scales the shorter side to 256; 224x224 stretches to exactly that.
+    #[arg(long)]
+    resize: Option<String>,
+    /// Center crop after resizing: 224 or 224x224 (must equal the input size).
+    #[arg(long)]
+    crop: Option<String>,
+    /// Resize interpolation [default: bilinear].
+    #[arg(long, value_enum)]
+    interpolation: Option<InterpArg>,
+    /// Channel order the model expects [default: rgb, or gray for 1 channel].
+    #[arg(long, value_enum)]
+    channels: Option<ChannelsArg>,
+    /// Multiplies 0..255 pixel values before mean/std (e.g. 0.00392157 for 1/255).
+    #[arg(long)]
+    scale: Option<f32>,
+    /// Per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406.
+    #[arg(long)]
+    mean: Option<String>,
+    /// Per-channel divisor after the mean, e.g. 0.229,0.224,0.225.
+    #[arg(long)]
+    std: Option<String>,
+    /// Keep only these outputs (repeatable; intermediate tensor names work too).
+    #[arg(long = "output-name")]
+    outputs: Vec<String>,
+    /// What the first output means [default: classification for vectors, else features].
+    #[arg(long, value_enum)]
+    task: Option<TaskArg>,
+    /// Whether classification outputs are logits or probabilities [default: detected].
+    #[arg(long, value_enum)]
+    scores: Option<ScoresArg>,
+    /// Class labels, one per line, in class order.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Compile an ONNX model into a .neo artifact for a target board.
@@ -72,61 +129,7 @@ enum Command {
     ///   neoc compile squeezenet.onnx --target rpi4 -o squeezenet.neo \
     ///     --resize 256 --crop 224 --channels bgr --mean 104,117,123 --labels labels.txt
     #[command(verbatim_doc_comment)]
-    Compile {
-        /// The trained model (ONNX).
-        model: PathBuf,
-        /// Board to compile for (see `neoc boards`).
-        #[arg(long, short)]
-        target: String,
-        /// Where to write the artifact.
-        #[arg(long, short)]
-        output: PathBuf,
-        /// Model card (TOML); default: model.toml beside the model, if present.
-        #[arg(long)]
-        card: Option<PathBuf>,
-        /// Model name stored in the manifest (default: card name or file name).
-        #[arg(long)]
-        name: Option<String>,
-        /// Fixed input shape for models with dynamic dimensions, e.g. 1,3,224,224.
-        #[arg(long)]
-        input_shape: Option<String>,
-        /// Input layout (default: guessed from where the channel dimension is).
-        #[arg(long, value_enum)]
-        layout: Option<LayoutArg>,
-        /// Resize: 256 scales the shorter side to 256; 224x224 stretches to exactly that.
-        #[arg(long)]
-        resize: Option<String>,
-        /// Center crop after resizing: 224 or 224x224 (must equal the input size).
-        #[arg(long)]
-        crop: Option<String>,
-        /// Resize interpolation [default: bilinear].
-        #[arg(long, value_enum)]
-        interpolation: Option<InterpArg>,
-        /// Channel order the model expects [default: rgb, or gray for 1 channel].
-        #[arg(long, value_enum)]
-        channels: Option<ChannelsArg>,
-        /// Multiplies 0..255 pixel values before mean/std (e.g. 0.00392157 for 1/255).
-        #[arg(long)]
-        scale: Option<f32>,
-        /// Per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406.
-        #[arg(long)]
-        mean: Option<String>,
-        /// Per-channel divisor after the mean, e.g. 0.229,0.224,0.225.
-        #[arg(long)]
-        std: Option<String>,
-        /// Keep only these outputs (repeatable; intermediate tensor names work too).
-        #[arg(long = "output-name")]
-        outputs: Vec<String>,
-        /// What the first output means [default: classification for vectors, else features].
-        #[arg(long, value_enum)]
-        task: Option<TaskArg>,
-        /// Whether classification outputs are logits or probabilities [default: detected].
-        #[arg(long, value_enum)]
-        scores: Option<ScoresArg>,
-        /// Class labels, one per line, in class order.
-        #[arg(long)]
-        labels: Option<PathBuf>,
-    },
+    Compile(Box<CompileArgs>),
     /// Verify an artifact and show its manifest, operators, parameter count and sizes.
     Inspect {
         artifact: PathBuf,
@@ -190,26 +193,27 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", report.render());
             }
         }
-        Command::Compile {
-            model,
-            target,
-            output,
-            card,
-            name,
-            input_shape,
-            layout,
-            resize,
-            crop,
-            interpolation,
-            channels,
-            scale,
-            mean,
-            std,
-            outputs,
-            task,
-            scores,
-            labels,
-        } => {
+        Command::Compile(args) => {
+            let CompileArgs {
+                model,
+                target,
+                output,
+                card,
+                name,
+                input_shape,
+                layout,
+                resize,
+                crop,
+                interpolation,
+                channels,
+                scale,
+                mean,
+                std,
+                outputs,
+                task,
+                scores,
+                labels,
+            } = *args;
             let opts = CompileOptions {
                 model: model.clone(),
                 target,

@@ -184,7 +184,7 @@ impl Artifact {
 /// file contents is set (tar padding and the end-of-archive blocks must be zero).
 fn read_tar(origin: &str, bytes: &[u8]) -> Result<BTreeMap<String, Vec<u8>>> {
     let not_artifact = |why: String| RuntimeError::NotAnArtifact(origin.to_string(), why);
-    if bytes.len() < 3 * BLOCK || bytes.len() % BLOCK != 0 {
+    if bytes.len() < 3 * BLOCK || !bytes.len().is_multiple_of(BLOCK) {
         return Err(not_artifact(format!(
             "{} bytes is not a whole tar archive (truncated?)",
             bytes.len()

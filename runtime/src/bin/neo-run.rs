@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use neo_runtime::{preprocess, tensor_to_f32, Model};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -33,6 +34,9 @@ enum Command {
         /// How many classes to print per image.
         #[arg(long, default_value_t = 5)]
         top_k: usize,
+        /// `json` (one object per line) or `text` (file, best class, score, latency).
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
     },
     /// Verify an artifact (format version, every hash) and print its manifest as JSON.
     Verify { model: PathBuf },
@@ -136,6 +140,41 @@ fn bench(
     }))
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Json,
+    Text,
+}
+
+/// One result as a text line: file, best class of each output (or value count), latency.
+fn text_line(r: &serde_json::Value) -> String {
+    let file = r["file"].as_str().unwrap_or("?");
+    if let Some(e) = r["error"].as_str() {
+        return format!("{file:<44} ERROR {e}");
+    }
+    let mut parts = Vec::new();
+    for p in r["predictions"].as_array().into_iter().flatten() {
+        if let Some(top) = p["top_k"].get(0) {
+            let name = top["label"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("class {}", top["class"]));
+            parts.push(format!(
+                "{name:<10} {:.3}",
+                top["score"].as_f64().unwrap_or(f64::NAN)
+            ));
+        } else if let Some(v) = p["values"].as_array() {
+            parts.push(format!(
+                "{}: {} values",
+                p["output"].as_str().unwrap_or("?"),
+                v.len()
+            ));
+        }
+    }
+    let ms = r["latency_ms"]["total"].as_f64().unwrap_or(f64::NAN);
+    format!("{file:<44} {}  {ms:>7.1} ms", parts.join("  "))
+}
+
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"];
 
 /// Expands folders into their image files (sorted), keeps files as given.
@@ -234,6 +273,7 @@ fn run(cli: Cli) -> Result<bool> {
             model,
             images,
             top_k,
+            format,
         } => {
             let images = collect_images(&images)?;
             let model = Model::load(&model)?;
@@ -245,19 +285,22 @@ fn run(cli: Cli) -> Result<bool> {
                 model.load_time().as_secs_f64() * 1e3
             );
             let mut all_ok = true;
+            let mut out = std::io::stdout().lock();
             for path in &images {
-                match classify_one(&model, path, top_k) {
-                    Ok(line) => println!("{line}"),
+                let record = match classify_one(&model, path, top_k) {
+                    Ok(record) => record,
                     Err(e) => {
                         all_ok = false;
                         let msg = format!("{e:#}");
                         eprintln!("error: {msg}");
-                        println!(
-                            "{}",
-                            serde_json::json!({"file": path.display().to_string(), "error": msg})
-                        );
+                        serde_json::json!({"file": path.display().to_string(), "error": msg})
                     }
-                }
+                };
+                let line = match format {
+                    Format::Json => record.to_string(),
+                    Format::Text => text_line(&record),
+                };
+                writeln!(out, "{line}")?;
             }
             Ok(all_ok)
         }
@@ -268,6 +311,13 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
+        // The reader went away (`neo-run classify ... | head`): stop quietly.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
