@@ -8,14 +8,15 @@ board=${1:-x86_64}
 # The same dev build `cargo test --workspace` uses (tract is optimized in it), so the two
 # README commands build once.
 cargo build --workspace --all-targets --quiet
+bin=${CARGO_TARGET_DIR:-target}/debug
 mkdir -p out
 echo "== neoc compile models/bottle-classifier/model.onnx --target $board -o out/bottle-classifier.neo"
-./target/debug/neoc compile models/bottle-classifier/model.onnx --target "$board" -o out/bottle-classifier.neo
+"$bin/neoc" compile models/bottle-classifier/model.onnx --target "$board" -o out/bottle-classifier.neo
 echo
 echo "== neoc inspect out/bottle-classifier.neo"
-./target/debug/neoc inspect out/bottle-classifier.neo
+"$bin/neoc" inspect out/bottle-classifier.neo
 echo
 echo "== neo-run classify out/bottle-classifier.neo models/samples/ --format text"
-./target/debug/neo-run classify out/bottle-classifier.neo models/samples/ --format text
+"$bin/neo-run" classify out/bottle-classifier.neo models/samples/ --format text
 echo
 echo "(JSON lines for programs: neo-run classify out/bottle-classifier.neo models/samples/)"
