@@ -52,6 +52,34 @@ pub struct CompileReport {
 /// Compiles one model for one board and writes the artifact.
 pub fn compile(opts: &CompileOptions, boards: &Boards) -> Result<CompileReport> {
     let start = Instant::now();
+    let compiled = compile_imported(import::import(&opts.model)?, opts, boards, None)?;
+    compiled.artifact.write(&opts.output)?;
+    Ok(CompileReport {
+        manifest: compiled.artifact.manifest,
+        artifact_bytes: compiled.bytes,
+        notes: compiled.notes,
+        self_check_max_diff: compiled.self_check_max_diff,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// A compiled, self-checked artifact in memory, with the device model it loads as.
+pub struct Compiled {
+    pub artifact: Artifact,
+    pub model: Model,
+    pub bytes: u64,
+    pub notes: Vec<String>,
+    pub self_check_max_diff: f32,
+}
+
+/// Compiles an imported model (from a file, or edited in memory) into an artifact; `anomaly`
+/// is stored in the manifest of detectors. `opts.output` is not written.
+pub fn compile_imported(
+    imported: Imported,
+    opts: &CompileOptions,
+    boards: &Boards,
+    anomaly: Option<AnomalySpec>,
+) -> Result<Compiled> {
     let board = boards.get(&opts.target)?.clone();
     let (card, card_path) = Card::for_model(&opts.model, opts.card.as_deref())?;
     let mut notes = Vec::new();
@@ -63,7 +91,7 @@ pub fn compile(opts: &CompileOptions, boards: &Boards) -> Result<CompileReport> 
         proto,
         mut model,
         bytes,
-    } = import::import(&opts.model)?;
+    } = imported;
     let graph = proto.graph.as_ref().ok_or_else(|| CompileError::NotOnnx {
         path: opts.model.display().to_string(),
         reason: "no graph".into(),
@@ -214,6 +242,7 @@ pub fn compile(opts: &CompileOptions, boards: &Boards) -> Result<CompileReport> 
         inputs: vec![input],
         outputs,
         files: BTreeMap::new(),
+        anomaly,
     };
     let artifact = Artifact::new(
         manifest,
@@ -246,13 +275,12 @@ pub fn compile(opts: &CompileOptions, boards: &Boards) -> Result<CompileReport> 
         max_diff = max_diff.max(diff);
     }
 
-    reloaded.write(&opts.output)?;
-    Ok(CompileReport {
-        manifest: reloaded.manifest,
-        artifact_bytes: artifact_bytes.len() as u64,
+    Ok(Compiled {
+        artifact: reloaded,
+        model: device_model,
+        bytes: artifact_bytes.len() as u64,
         notes,
         self_check_max_diff: max_diff,
-        seconds: start.elapsed().as_secs_f64(),
     })
 }
 

@@ -20,33 +20,42 @@ pub fn import(path: &Path) -> Result<Imported> {
         path: path.to_path_buf(),
         source,
     })?;
+    let proto = onnx_framework()
+        .proto_model_for_read(&mut bytes.as_slice())
+        .map_err(|e| CompileError::NotOnnx {
+            path: path.display().to_string(),
+            reason: format!(
+                "protobuf decoding failed ({e}); is the file truncated or of another format?"
+            ),
+        })?;
+    from_proto(proto, bytes, path.parent(), &path.display().to_string())
+}
+
+/// Checks and parses a decoded (possibly edited) ONNX model. `bytes` are the source file's,
+/// for its hash; `dir` is where external tensor data would be; `origin` names it in errors.
+pub fn from_proto(
+    proto: ModelProto,
+    bytes: Vec<u8>,
+    dir: Option<&Path>,
+    origin: &str,
+) -> Result<Imported> {
     let not_onnx = |reason: String| CompileError::NotOnnx {
-        path: path.display().to_string(),
+        path: origin.to_string(),
         reason,
     };
-    // Shapes are inferred by tract from the input facts neoc sets; the shapes an exporter wrote
-    // for intermediate tensors and outputs would pin symbols (a batch `N`) that neoc fixes.
-    let onnx = tract_onnx::onnx()
-        .with_ignore_value_info(true)
-        .with_ignore_output_shapes(true);
-    let proto = onnx
-        .proto_model_for_read(&mut bytes.as_slice())
-        .map_err(|e| {
-            not_onnx(format!(
-                "protobuf decoding failed ({e}); is the file truncated or of another format?"
-            ))
-        })?;
+    let onnx = onnx_framework();
     let graph = match proto.graph.as_ref() {
         Some(g) if !g.node.is_empty() && proto.ir_version > 0 => g,
         _ => return Err(not_onnx("it holds no ONNX graph".into())),
     };
     check_operators(&onnx, graph)?;
-    let dir = path.parent().and_then(|p| p.to_str());
-    let parsed = onnx.parse(&proto, dir).map_err(|e| {
-        not_onnx(format!(
-            "{e:#} (is the file truncated, or missing its external data?)"
-        ))
-    })?;
+    let parsed = onnx
+        .parse(&proto, dir.and_then(|p| p.to_str()))
+        .map_err(|e| {
+            not_onnx(format!(
+                "{e:#} (is the file truncated, or missing its external data?)"
+            ))
+        })?;
     if !parsed.unresolved_inputs.is_empty() {
         return Err(not_onnx(format!(
             "tensors {:?} are used but never defined (is the file truncated?)",
@@ -58,6 +67,15 @@ pub fn import(path: &Path) -> Result<Imported> {
         model: parsed.model,
         bytes,
     })
+}
+
+/// tract's ONNX importer as neoc configures it.
+fn onnx_framework() -> tract_onnx::Onnx {
+    // Shapes are inferred by tract from the input facts neoc sets; the shapes an exporter wrote
+    // for intermediate tensors and outputs would pin symbols (a batch `N`) that neoc fixes.
+    tract_onnx::onnx()
+        .with_ignore_value_info(true)
+        .with_ignore_output_shapes(true)
 }
 
 fn check_operators(onnx: &tract_onnx::Onnx, graph: &GraphProto) -> Result<()> {

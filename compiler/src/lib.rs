@@ -1,6 +1,7 @@
 //! neoc, the neo model compiler: imports ONNX with tract, declutters it, and writes a
 //! verified, self-contained `.neo` artifact for a target board.
 
+pub mod anomaly;
 pub mod baseline;
 pub mod card;
 pub mod compile;

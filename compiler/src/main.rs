@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use neo_boards::Boards;
 use neo_runtime::manifest::{ChannelOrder, Interpolation, Layout, Scores, Task};
+use neoc::anomaly::TrainOptions;
 use neoc::card::{parse_floats, parse_resize, parse_shape, parse_size};
 use neoc::CompileOptions;
 use std::path::PathBuf;
@@ -60,16 +61,9 @@ enum ScoresArg {
     Probabilities,
 }
 
+/// The model's input contract: shape and preprocessing (flags override the model card).
 #[derive(Args)]
-struct CompileArgs {
-    /// The trained model (ONNX).
-    model: PathBuf,
-    /// Board to compile for (see `neoc boards`).
-    #[arg(long, short)]
-    target: String,
-    /// Where to write the artifact.
-    #[arg(long, short)]
-    output: PathBuf,
+struct InputArgs {
     /// Model card (TOML); default: model.toml beside the model, if present.
     #[arg(long)]
     card: Option<PathBuf>,
@@ -103,6 +97,20 @@ struct CompileArgs {
     /// Per-channel divisor after the mean, e.g. 0.229,0.224,0.225.
     #[arg(long)]
     std: Option<String>,
+}
+
+#[derive(Args)]
+struct CompileArgs {
+    /// The trained model (ONNX).
+    model: PathBuf,
+    /// Board to compile for (see `neoc boards`).
+    #[arg(long, short)]
+    target: String,
+    /// Where to write the artifact.
+    #[arg(long, short)]
+    output: PathBuf,
+    #[command(flatten)]
+    input: InputArgs,
     /// Keep only these outputs (repeatable; intermediate tensor names work too).
     #[arg(long = "output-name")]
     outputs: Vec<String>,
@@ -115,6 +123,56 @@ struct CompileArgs {
     /// Class labels, one per line, in class order.
     #[arg(long)]
     labels: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct TrainAnomalyArgs {
+    /// Pretrained backbone (ONNX), e.g. EfficientNet-Lite0.
+    #[arg(long)]
+    backbone: PathBuf,
+    /// Backbone tensors for patch features, finest grid first, e.g. stage3,stage5.
+    #[arg(long, value_delimiter = ',', required = true)]
+    layers: Vec<String>,
+    /// Folder of good images (repeatable). Every tenth is held out to set the threshold.
+    #[arg(long, required = true)]
+    normal: Vec<PathBuf>,
+    /// Folder of defective images (or of one folder per defect type): the threshold then
+    /// maximizes F1 instead of taking a percentile of good scores.
+    #[arg(long)]
+    defects: Option<PathBuf>,
+    /// Board to compile for (see `neoc boards`).
+    #[arg(long, short, default_value = "x86_64")]
+    target: String,
+    /// Where to write the detector.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Memory bank limit in MB (f32 patch rows).
+    #[arg(long, default_value_t = 16.0)]
+    memory_budget: f64,
+    /// Share of training patches kept by the coreset (before the budget caps it).
+    #[arg(long, default_value_t = 0.02)]
+    coreset_ratio: f64,
+    /// Neighbourhood averaged into each patch (odd: 1, 3, 5).
+    #[arg(long, default_value_t = 3)]
+    aggregation: usize,
+    /// Percentile of held-out good image scores taken as threshold (without --defects).
+    #[arg(long, default_value_t = 99.5)]
+    percentile: f64,
+    #[command(flatten)]
+    input: InputArgs,
+}
+
+#[derive(Subcommand)]
+enum TrainKind {
+    /// Learn "normal" from good images: a memory-bank (PatchCore-style) detector that scores
+    /// each image, maps where it differs and says OK or NG.
+    ///
+    /// Example (MVTec-style folders):
+    ///   neoc train anomaly --backbone efficientnet_lite0.onnx --layers stage3,stage5 \
+    ///     --card models/cards/efficientnet_lite0.toml --resize 224x224 \
+    ///     --normal bottle/train/good -o bottle-detector.neo
+    #[command(verbatim_doc_comment)]
+    Anomaly(Box<TrainAnomalyArgs>),
 }
 
 #[derive(Subcommand)]
@@ -130,6 +188,18 @@ enum Command {
     ///     --resize 256 --crop 224 --channels bgr --mean 104,117,123 --labels labels.txt
     #[command(verbatim_doc_comment)]
     Compile(Box<CompileArgs>),
+    /// Train a model on the dev machine and package it as a .neo artifact.
+    Train {
+        #[command(subcommand)]
+        kind: TrainKind,
+    },
+    /// Evaluate a detector on a labelled dataset (MVTec layout: test/good, test/<type>/):
+    /// image AUROC, precision/recall/F1 at its threshold, confusion matrix, latency. JSON.
+    Eval {
+        detector: PathBuf,
+        #[arg(long)]
+        dataset: PathBuf,
+    },
     /// Verify an artifact and show its manifest, operators, parameter count and sizes.
     Inspect {
         artifact: PathBuf,
@@ -151,6 +221,56 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         runs: usize,
     },
+}
+
+/// Compile options from the common input flags.
+fn options(
+    model: PathBuf,
+    target: String,
+    output: PathBuf,
+    a: InputArgs,
+) -> Result<CompileOptions> {
+    Ok(CompileOptions {
+        model,
+        target,
+        output,
+        card: a.card,
+        name: a.name,
+        input_shape: a.input_shape.as_deref().map(parse_shape).transpose()?,
+        layout: a.layout.map(|l| match l {
+            LayoutArg::Nchw => Layout::Nchw,
+            LayoutArg::Nhwc => Layout::Nhwc,
+        }),
+        resize: a.resize.as_deref().map(parse_resize).transpose()?,
+        crop: a.crop.as_deref().map(parse_size).transpose()?,
+        interpolation: a.interpolation.map(|i| match i {
+            InterpArg::Nearest => Interpolation::Nearest,
+            InterpArg::Bilinear => Interpolation::Bilinear,
+            InterpArg::Bicubic => Interpolation::Bicubic,
+            InterpArg::Lanczos3 => Interpolation::Lanczos3,
+        }),
+        channels: a.channels.map(|c| match c {
+            ChannelsArg::Rgb => ChannelOrder::Rgb,
+            ChannelsArg::Bgr => ChannelOrder::Bgr,
+            ChannelsArg::Gray => ChannelOrder::Gray,
+        }),
+        scale: a.scale,
+        mean: a
+            .mean
+            .as_deref()
+            .map(|m| parse_floats("--mean", m))
+            .transpose()?,
+        std: a
+            .std
+            .as_deref()
+            .map(|s| parse_floats("--std", s))
+            .transpose()?,
+        ..Default::default()
+    })
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -193,72 +313,91 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", report.render());
             }
         }
+        Command::Eval { detector, dataset } => {
+            let report = neoc::anomaly::eval_anomaly(&detector, &dataset)?;
+            eprintln!(
+                "{} images ({} defective): image AUROC {:.4}; at the threshold precision {:.3} recall {:.3} F1 {:.3}; latency p50 {:.1} ms p99 {:.1} ms",
+                report.images,
+                report.defective,
+                report.image_auroc,
+                report.precision,
+                report.recall,
+                report.f1,
+                report.latency_ms_p50,
+                report.latency_ms_p99
+            );
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Train {
+            kind: TrainKind::Anomaly(args),
+        } => {
+            let TrainAnomalyArgs {
+                backbone,
+                layers,
+                normal,
+                defects,
+                target,
+                output,
+                memory_budget,
+                coreset_ratio,
+                aggregation,
+                percentile,
+                input,
+            } = *args;
+            let opts = TrainOptions {
+                compile: options(backbone, target, output.clone(), input)?,
+                layers,
+                normal,
+                defects,
+                memory_budget_mb: memory_budget,
+                coreset_ratio,
+                aggregation,
+                percentile,
+            };
+            let r = neoc::anomaly::train_anomaly(&opts, &boards)?;
+            for note in &r.notes {
+                eprintln!("note: {note}");
+            }
+            let a = r
+                .manifest
+                .anomaly
+                .as_ref()
+                .context("no anomaly spec written")?;
+            eprintln!(
+                "trained on {} good images ({} patches of {} values) in {:.1} s: memory bank {} rows, threshold {:.4} ({}); wrote {}",
+                r.training_images,
+                r.patches,
+                a.feature_dim,
+                r.seconds,
+                a.memory_rows,
+                a.threshold,
+                a.threshold_method,
+                output.display()
+            );
+        }
         Command::Compile(args) => {
             let CompileArgs {
                 model,
                 target,
                 output,
-                card,
-                name,
-                input_shape,
-                layout,
-                resize,
-                crop,
-                interpolation,
-                channels,
-                scale,
-                mean,
-                std,
+                input,
                 outputs,
                 task,
                 scores,
                 labels,
             } = *args;
-            let opts = CompileOptions {
-                model: model.clone(),
-                target,
-                output: output.clone(),
-                card,
-                name,
-                input_shape: input_shape.as_deref().map(parse_shape).transpose()?,
-                layout: layout.map(|l| match l {
-                    LayoutArg::Nchw => Layout::Nchw,
-                    LayoutArg::Nhwc => Layout::Nhwc,
-                }),
-                resize: resize.as_deref().map(parse_resize).transpose()?,
-                crop: crop.as_deref().map(parse_size).transpose()?,
-                interpolation: interpolation.map(|i| match i {
-                    InterpArg::Nearest => Interpolation::Nearest,
-                    InterpArg::Bilinear => Interpolation::Bilinear,
-                    InterpArg::Bicubic => Interpolation::Bicubic,
-                    InterpArg::Lanczos3 => Interpolation::Lanczos3,
-                }),
-                channels: channels.map(|c| match c {
-                    ChannelsArg::Rgb => ChannelOrder::Rgb,
-                    ChannelsArg::Bgr => ChannelOrder::Bgr,
-                    ChannelsArg::Gray => ChannelOrder::Gray,
-                }),
-                scale,
-                mean: mean
-                    .as_deref()
-                    .map(|m| parse_floats("--mean", m))
-                    .transpose()?,
-                std: std
-                    .as_deref()
-                    .map(|s| parse_floats("--std", s))
-                    .transpose()?,
-                outputs,
-                task: task.map(|t| match t {
-                    TaskArg::Classification => Task::Classification,
-                    TaskArg::Features => Task::Features,
-                    TaskArg::Anomaly => Task::Anomaly,
-                }),
-                scores: scores.map(|s| match s {
-                    ScoresArg::Logits => Scores::Logits,
-                    ScoresArg::Probabilities => Scores::Probabilities,
-                }),
-                labels,
-            };
+            let mut opts = options(model.clone(), target, output.clone(), input)?;
+            opts.outputs = outputs;
+            opts.task = task.map(|t| match t {
+                TaskArg::Classification => Task::Classification,
+                TaskArg::Features => Task::Features,
+                TaskArg::Anomaly => Task::Anomaly,
+            });
+            opts.scores = scores.map(|s| match s {
+                ScoresArg::Logits => Scores::Logits,
+                ScoresArg::Probabilities => Scores::Probabilities,
+            });
+            opts.labels = labels;
             let report = neoc::compile(&opts, &boards)?;
             for note in &report.notes {
                 eprintln!("note: {note}");
@@ -270,7 +409,7 @@ fn run(cli: Cli) -> Result<()> {
                 m.target.board,
                 report.seconds,
                 output.display(),
-                report.artifact_bytes as f64 / (1024.0 * 1024.0),
+                mib(report.artifact_bytes),
                 report.self_check_max_diff
             );
         }

@@ -318,3 +318,133 @@ fn inspect_refuses_a_changed_artifact() {
     std::fs::write(&out, &bytes).unwrap();
     assert_clear_error(&["inspect", path_str(&out)], &["t.neo"]);
 }
+
+/// Twelve good training images of different sizes: the two good samples, mirrored, rotated
+/// and rescaled (real frames, varied the way a line camera varies them).
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn good_folder(dir: &Path) -> PathBuf {
+    let good = dir.join("good");
+    std::fs::create_dir_all(&good).unwrap();
+    let mut n = 0;
+    for name in ["bottle_good_000.png", "bottle_good_003.png"] {
+        let img = image::open(repo().join("models/samples").join(name)).unwrap();
+        for v in [
+            img.clone(),
+            img.fliph(),
+            img.flipv(),
+            img.rotate90(),
+            img.rotate270(),
+            img.resize_exact(280, 300, image::imageops::FilterType::Triangle),
+        ] {
+            v.save(good.join(format!("good_{n:02}.png"))).unwrap();
+            n += 1;
+        }
+    }
+    good
+}
+
+#[test]
+fn anomaly_detector_trains_from_good_images_and_flags_defects() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = good_folder(dir.path());
+    let out = dir.path().join("detector.neo");
+    let backbone = repo().join("models/bottle-classifier/model.onnx");
+    let (code, _, stderr) = neoc(&[
+        "train",
+        "anomaly",
+        "--backbone",
+        path_str(&backbone),
+        "--layers",
+        "stage3,stage4",
+        "--normal",
+        path_str(&good),
+        "-o",
+        path_str(&out),
+        "--coreset-ratio",
+        "0.1",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("trained on 11 good images"), "{stderr}");
+
+    let model = Model::load(&out).unwrap();
+    let spec = model.manifest().anomaly.clone().unwrap();
+    assert_eq!(spec.layers, ["stage3", "stage4"]);
+    assert_eq!(spec.feature_dim, 40 + 80);
+    assert!(spec.threshold > 0.0);
+    let score = |file: &str| {
+        let img = image::open(repo().join("models/samples").join(file)).unwrap();
+        let (preds, _) = model.predict(&img, 1).unwrap();
+        preds[0].anomaly.clone().unwrap()
+    };
+    let broken = score("bottle_broken_large_000.png");
+    assert_eq!(
+        broken.verdict,
+        neo_runtime::anomaly::Verdict::Ng,
+        "{broken:?}"
+    );
+    assert!(!broken.regions.is_empty());
+    let good_result = score("bottle_good_003.png");
+    assert!(
+        good_result.score < broken.score,
+        "{good_result:?} vs {broken:?}"
+    );
+}
+
+#[test]
+fn anomaly_training_refuses_bad_input_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let backbone = repo().join("models/bottle-classifier/model.onnx");
+    let out = dir.path().join("d.neo");
+    let train = |normal: &Path, layers: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "anomaly",
+            "--backbone",
+            path_str(&backbone),
+            "--layers",
+            layers,
+            "--normal",
+            path_str(normal),
+            "-o",
+            path_str(&out),
+        ];
+        args.extend_from_slice(extra);
+        args.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert_clear_error(
+        &refs(&train(&empty, "stage3", &[])),
+        &["found 0 good image(s)", "at least 10"],
+    );
+    let few = dir.path().join("few");
+    std::fs::create_dir(&few).unwrap();
+    for i in 0..4 {
+        std::fs::copy(
+            repo().join("models/samples/bottle_good_000.png"),
+            few.join(format!("{i}.png")),
+        )
+        .unwrap();
+    }
+    assert_clear_error(
+        &refs(&train(&few, "stage3", &[])),
+        &["found 4 good image(s)"],
+    );
+    let good = good_folder(dir.path());
+    assert_clear_error(
+        &refs(&train(&good, "stage3,stage9", &[])),
+        &["no layer 'stage9'", "\"scores\""],
+    );
+    assert_clear_error(
+        &refs(&train(&good, "stage3", &["--memory-budget", "0.01"])),
+        &[
+            "holds 65 patches",
+            "fewer than one image's 784",
+            "at least 0.1",
+        ],
+    );
+    assert!(!out.exists());
+}

@@ -287,6 +287,7 @@ mod tests {
             inputs: vec![],
             outputs: vec![],
             files: BTreeMap::new(),
+            anomaly: None,
         }
     }
 

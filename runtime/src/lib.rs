@@ -3,6 +3,7 @@
 //!
 //! This crate never links the ONNX importer: artifacts carry the model as tract NNEF.
 
+pub mod anomaly;
 pub mod artifact;
 mod error;
 pub mod manifest;

@@ -19,6 +19,32 @@ pub struct Manifest {
     pub outputs: Vec<OutputSpec>,
     /// Every other file in the artifact, by name, with its hash and size.
     pub files: BTreeMap<String, FileEntry>,
+    /// For anomaly detectors: how to read the anomaly map and where the threshold lies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<AnomalySpec>,
+}
+
+/// A memory-bank anomaly detector (PatchCore family): the graph ends in an anomaly map of
+/// nearest-neighbour patch distances; the manifest says where the decision threshold is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnomalySpec {
+    /// Output holding the map, shape [1, 1, H, W], raw patch distances.
+    pub map_output: String,
+    /// Backbone tensors the patch features come from.
+    pub layers: Vec<String>,
+    /// Patch feature length (sum of the layers' channels).
+    pub feature_dim: usize,
+    /// Side of the local average that aggregates each patch's neighbourhood.
+    pub aggregation: usize,
+    /// Patches kept in the memory bank (coreset size).
+    pub memory_rows: usize,
+    /// Raw map value at the decision threshold: scores are divided by it, so 1.0 is the
+    /// threshold and anything above is NG.
+    pub threshold: f32,
+    /// How the threshold was chosen, in words.
+    pub threshold_method: String,
+    /// Good images the memory bank was built from.
+    pub training_images: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

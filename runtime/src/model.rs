@@ -1,5 +1,6 @@
 //! A loaded, verified, optimized model ready to run on CPU.
 
+use crate::anomaly::{self, AnomalyResult};
 use crate::artifact::{Artifact, MODEL_FILE};
 use crate::error::{Result, RuntimeError};
 use crate::manifest::{DType, Manifest, Scores, Task};
@@ -27,9 +28,12 @@ pub struct Prediction {
     /// Best classes first (classification outputs only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub top_k: Vec<Classification>,
-    /// The raw values (feature and anomaly outputs).
+    /// The raw values (feature outputs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub values: Option<Vec<f32>>,
+    /// Verdict, score and regions (anomaly detectors).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<AnomalyResult>,
 }
 
 /// Time spent in each stage of one inference.
@@ -157,7 +161,7 @@ impl Model {
         let t1 = Instant::now();
         let outputs = self.run(vec![input])?;
         let t2 = Instant::now();
-        let predictions = self.interpret(&outputs, top_k)?;
+        let predictions = self.interpret(&outputs, top_k, (image.width(), image.height()))?;
         let timings = Timings {
             preprocess_ms: (t1 - t0).as_secs_f64() * 1e3,
             inference_ms: (t2 - t1).as_secs_f64() * 1e3,
@@ -165,8 +169,14 @@ impl Model {
         Ok((predictions, timings))
     }
 
-    /// Turns raw output tensors into predictions, following each output's task.
-    pub fn interpret(&self, outputs: &[Tensor], top_k: usize) -> Result<Vec<Prediction>> {
+    /// Turns raw output tensors into predictions, following each output's task. `image_size`
+    /// is the original image's (width, height), to place defect regions on it.
+    pub fn interpret(
+        &self,
+        outputs: &[Tensor],
+        top_k: usize,
+        image_size: (u32, u32),
+    ) -> Result<Vec<Prediction>> {
         self.manifest
             .outputs
             .iter()
@@ -183,16 +193,49 @@ impl Model {
                             output: spec.name.clone(),
                             top_k: top_k_of(&scores, top_k, &spec.labels),
                             values: None,
+                            anomaly: None,
+                        }
+                    }
+                    Task::Anomaly if self.is_anomaly_map(&spec.name) => {
+                        let (h, w) = match tensor.shape() {
+                            [.., h, w] => (*h, *w),
+                            _ => (1, values.len()),
+                        };
+                        let pre = self
+                            .manifest
+                            .inputs
+                            .first()
+                            .and_then(|i| i.preprocess.as_ref());
+                        let analysed = self
+                            .manifest
+                            .anomaly
+                            .as_ref()
+                            .map(|a| anomaly::analyse(a, pre, &values, h, w, image_size));
+                        Prediction {
+                            output: spec.name.clone(),
+                            top_k: vec![],
+                            values: None,
+                            anomaly: analysed,
                         }
                     }
                     Task::Features | Task::Anomaly => Prediction {
                         output: spec.name.clone(),
                         top_k: vec![],
                         values: Some(values),
+                        anomaly: None,
                     },
                 })
             })
             .collect()
+    }
+}
+
+impl Model {
+    fn is_anomaly_map(&self, output: &str) -> bool {
+        self.manifest
+            .anomaly
+            .as_ref()
+            .is_some_and(|a| a.map_output == output)
     }
 }
 

@@ -5,6 +5,33 @@ use crate::manifest::{ChannelOrder, InputSpec, Interpolation, Layout, Preprocess
 use image::imageops::FilterType;
 use image::DynamicImage;
 
+/// File extensions read as images.
+pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"];
+
+/// The image files directly inside `dir`, sorted by name.
+pub fn list_images(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .and_then(|x| x.to_str())
+                    .is_some_and(|x| IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// Reads and decodes an image file.
+pub fn load(path: &std::path::Path) -> Result<DynamicImage> {
+    let bytes = std::fs::read(path).map_err(|source| RuntimeError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    decode(&path.display().to_string(), &bytes)
+}
+
 /// Decodes an encoded image (JPEG, PNG, BMP, TIFF, WebP), detecting the format from its bytes.
 pub fn decode(name: &str, bytes: &[u8]) -> Result<DynamicImage> {
     image::load_from_memory(bytes).map_err(|e| RuntimeError::Image {

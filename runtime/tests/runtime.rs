@@ -74,6 +74,7 @@ fn manifest(channels: ChannelOrder) -> Manifest {
             labels: vec!["red".into(), "green".into(), "blue".into()],
         }],
         files: BTreeMap::new(),
+        anomaly: None,
     }
 }
 

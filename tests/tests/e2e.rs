@@ -74,3 +74,37 @@ fn efficientnet_artifact_classifies_the_sanity_images() {
     assert_eq!(top1(&model, "bald_eagle.jpeg").0, 22);
     assert_eq!(top1(&model, "pelican.jpeg").0, 144);
 }
+
+#[test]
+#[ignore = "needs ../shared/data (run by .ci/run)"]
+fn bottle_detector_from_good_images_reaches_auroc_099() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bottle-detector.neo");
+    let bottle = data().join("images/mvtec_bottle");
+    let opts = neoc::anomaly::TrainOptions {
+        compile: CompileOptions {
+            model: data().join("models/efficientnet_lite0/efficientnet_lite0_derived.onnx"),
+            target: "x86_64".into(),
+            output: out.clone(),
+            card: Some(repo().join("models/cards/efficientnet_lite0.toml")),
+            resize: Some(neoc::card::ResizeSpec::Exact([224, 224])),
+            ..Default::default()
+        },
+        layers: vec!["stage3".into(), "stage5".into()],
+        normal: vec![bottle.join("train/good")],
+        defects: None,
+        memory_budget_mb: 16.0,
+        coreset_ratio: 0.02,
+        aggregation: 3,
+        percentile: 99.5,
+    };
+    let trained = neoc::anomaly::train_anomaly(&opts, &Boards::shipped()).expect("trains");
+    assert_eq!(trained.training_images + trained.held_out_images, 209);
+    let report = neoc::anomaly::eval_anomaly(&out, &bottle).expect("evaluates");
+    assert_eq!(report.images, 83);
+    assert!(
+        report.image_auroc >= 0.99,
+        "image AUROC {}",
+        report.image_auroc
+    );
+}

@@ -3,7 +3,8 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use neo_runtime::{preprocess, tensor_to_f32, Model};
+use neo_runtime::preprocess::{self, IMAGE_EXTENSIONS};
+use neo_runtime::{tensor_to_f32, Model};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -154,7 +155,15 @@ fn text_line(r: &serde_json::Value) -> String {
     }
     let mut parts = Vec::new();
     for p in r["predictions"].as_array().into_iter().flatten() {
-        if let Some(top) = p["top_k"].get(0) {
+        if let Some(a) = p.get("anomaly").filter(|a| !a.is_null()) {
+            let regions = a["regions"].as_array().map_or(0, Vec::len);
+            parts.push(format!(
+                "{:<3} score {:.2} ({regions} region{})",
+                a["verdict"].as_str().unwrap_or("?"),
+                a["score"].as_f64().unwrap_or(f64::NAN),
+                if regions == 1 { "" } else { "s" }
+            ));
+        } else if let Some(top) = p["top_k"].get(0) {
             let name = top["label"]
                 .as_str()
                 .map(str::to_string)
@@ -175,23 +184,13 @@ fn text_line(r: &serde_json::Value) -> String {
     format!("{file:<44} {}  {ms:>7.1} ms", parts.join("  "))
 }
 
-const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"];
-
 /// Expands folders into their image files (sorted), keeps files as given.
 fn collect_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for path in paths {
         if path.is_dir() {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(path)
-                .with_context(|| format!("cannot list {}", path.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.extension().and_then(|x| x.to_str()).is_some_and(|x| {
-                        IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str())
-                    })
-                })
-                .collect();
-            found.sort();
+            let found = preprocess::list_images(path)
+                .with_context(|| format!("cannot list {}", path.display()))?;
             if found.is_empty() {
                 anyhow::bail!(
                     "{} holds no images ({})",

@@ -1,0 +1,396 @@
+//! `neoc train anomaly`: good images in, a detector artifact out.
+
+use super::coreset::greedy_k_center;
+use super::head::{self, LayerShape, ANOMALY_MAP};
+use crate::card::Card;
+use crate::compile::{compile_imported, resolve_shape, CompileOptions};
+use crate::error::{tract, CompileError, Result};
+use crate::import;
+use neo_boards::Boards;
+use neo_runtime::artifact::Artifact;
+use neo_runtime::manifest::{AnomalySpec, Manifest, Task};
+use neo_runtime::{preprocess, tensor_to_f32, Model};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+
+/// Fewest good images a detector is trained from.
+pub const MIN_GOOD_IMAGES: usize = 10;
+
+/// What `neoc train anomaly` takes.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Backbone model, board, output and preprocessing, as for `neoc compile`.
+    pub compile: CompileOptions,
+    /// Backbone tensors to take patch features from, finest grid first.
+    pub layers: Vec<String>,
+    /// Folders (or files) of good images.
+    pub normal: Vec<PathBuf>,
+    /// Optional folder of defective images (or of one folder per defect type) to set the
+    /// threshold by best F1.
+    pub defects: Option<PathBuf>,
+    /// Memory bank size limit, MiB (f32 rows).
+    pub memory_budget_mb: f64,
+    /// Share of all training patches kept in the bank, before the budget caps it.
+    pub coreset_ratio: f64,
+    /// Local neighbourhood averaged into each patch (3 = 3x3).
+    pub aggregation: usize,
+    /// Percentile of held-out good scores used as threshold when no defects are given.
+    pub percentile: f64,
+}
+
+/// What a training run did.
+#[derive(Debug)]
+pub struct TrainReport {
+    pub manifest: Manifest,
+    pub notes: Vec<String>,
+    pub training_images: usize,
+    pub held_out_images: usize,
+    pub patches: usize,
+    pub held_out_good_scores: Vec<f32>,
+    pub defect_scores: Vec<f32>,
+    pub seconds: f64,
+}
+
+fn opt(msg: String) -> CompileError {
+    CompileError::Options(msg)
+}
+
+/// Image files from folders (recursively one level: a folder of per-type folders works) and
+/// plain files.
+pub fn collect_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_file() {
+            out.push(p.clone());
+            continue;
+        }
+        let io = |source| CompileError::Io {
+            path: p.clone(),
+            source,
+        };
+        let mut found = preprocess::list_images(p).map_err(io)?;
+        if found.is_empty() {
+            let mut subdirs: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(io)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|d| d.is_dir())
+                .collect();
+            subdirs.sort();
+            for d in subdirs {
+                found.extend(
+                    preprocess::list_images(&d).map_err(|source| CompileError::Io {
+                        path: d.clone(),
+                        source,
+                    })?,
+                );
+            }
+        }
+        out.extend(found);
+    }
+    Ok(out)
+}
+
+/// Shapes of `layers` for the given input shape, by typing the backbone with them as outputs.
+fn layer_shapes(
+    imported: &import::Imported,
+    layers: &[String],
+    given: Option<Vec<usize>>,
+) -> Result<Vec<LayerShape>> {
+    let mut model = imported.model.clone();
+    model
+        .select_outputs_by_name(layers)
+        .map_err(tract("select the layers"))?;
+    let name = model.node(model.inputs[0].node).name.clone();
+    let dims = import::input_dims(&model, 0)?;
+    let shape = resolve_shape(&name, &dims, given, &mut vec![])?;
+    let dt = model
+        .input_fact(0)
+        .map_err(tract("read the input"))?
+        .datum_type
+        .concretize()
+        .unwrap_or(f32::datum_type());
+    model
+        .set_input_fact(0, InferenceFact::dt_shape(dt, shape))
+        .map_err(tract("set the input shape"))?;
+    let typed = model
+        .into_typed()
+        .map_err(tract("infer the layers' shapes"))?;
+    typed
+        .outputs
+        .iter()
+        .zip(layers)
+        .map(|(o, name)| {
+            let fact = typed.outlet_fact(*o).map_err(tract("read a layer shape"))?;
+            match fact.shape.as_concrete() {
+                Some(&[1, c, h, w]) => Ok(LayerShape {
+                    channels: c,
+                    height: h,
+                    width: w,
+                }),
+                other => Err(opt(format!(
+                    "layer '{name}' has shape {other:?}; a feature map [1, C, H, W] is needed"
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// Largest patch distance of each image (the raw image score).
+fn raw_scores(model: &Model, images: &[PathBuf]) -> Result<Vec<f32>> {
+    images
+        .iter()
+        .map(|p| {
+            let img = preprocess::load(p)?;
+            let out = model.run(vec![model.image_tensor(&img)?])?;
+            let map = tensor_to_f32(&out[0])?;
+            Ok(map.iter().copied().fold(0f32, f32::max))
+        })
+        .collect()
+}
+
+/// Threshold maximizing F1 (defects positive) over the midpoints between sorted scores.
+fn best_f1_threshold(good: &[f32], bad: &[f32]) -> (f32, f64) {
+    let mut all: Vec<f32> = good.iter().chain(bad).copied().collect();
+    all.sort_by(f32::total_cmp);
+    let mut best = (all[0], -1.0);
+    for w in all.windows(2) {
+        let t = 0.5 * (w[0] + w[1]);
+        let tp = bad.iter().filter(|s| **s > t).count() as f64;
+        let fp = good.iter().filter(|s| **s > t).count() as f64;
+        let fneg = bad.len() as f64 - tp;
+        let f1 = if tp == 0.0 {
+            0.0
+        } else {
+            2.0 * tp / (2.0 * tp + fp + fneg)
+        };
+        if f1 > best.1 {
+            best = (t, f1);
+        }
+    }
+    best
+}
+
+/// Percentile (0-100) by linear interpolation.
+fn percentile(values: &[f32], p: f64) -> f32 {
+    let mut v = values.to_vec();
+    v.sort_by(f32::total_cmp);
+    let pos = (p / 100.0).clamp(0.0, 1.0) * (v.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    let frac = (pos - lo as f64) as f32;
+    v[lo] + (v[hi] - v[lo]) * frac
+}
+
+/// Trains a detector and writes it to `opts.compile.output`.
+pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport> {
+    let start = Instant::now();
+    let backbone = &opts.compile.model;
+    if opts.layers.is_empty() {
+        return Err(opt(
+            "give the backbone layers to use, e.g. --layers stage3,stage5".into(),
+        ));
+    }
+    if opts.aggregation == 0 || opts.aggregation % 2 == 0 {
+        return Err(opt(format!(
+            "--aggregation must be odd (1, 3, 5 …), not {}",
+            opts.aggregation
+        )));
+    }
+
+    // Images first: a missing folder is the cheapest thing to report.
+    let normal = collect_images(&opts.normal)?;
+    if normal.len() < MIN_GOOD_IMAGES {
+        return Err(opt(format!(
+            "found {} good image(s) in {}; at least {MIN_GOOD_IMAGES} are needed to learn what normal looks like and to set a threshold",
+            normal.len(),
+            opts.normal.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    let defects = match &opts.defects {
+        Some(d) => collect_images(std::slice::from_ref(d))?,
+        None => vec![],
+    };
+    // Every tenth good image is held out to set the threshold.
+    let (held_out, train): (Vec<_>, Vec<_>) = normal
+        .iter()
+        .cloned()
+        .enumerate()
+        .partition(|(i, _)| i % 10 == 9);
+    let held_out: Vec<PathBuf> = held_out.into_iter().map(|(_, p)| p).collect();
+    let train: Vec<PathBuf> = train.into_iter().map(|(_, p)| p).collect();
+
+    let imported = import::import(backbone)?;
+    let known = head::tensor_names(&imported.proto);
+    if let Some(missing) = opts.layers.iter().find(|l| !known.contains(l)) {
+        let outputs: Vec<String> = imported
+            .proto
+            .graph
+            .iter()
+            .flat_map(|g| g.output.iter().map(|o| o.name.clone()))
+            .collect();
+        return Err(opt(format!(
+            "the backbone has no layer '{missing}'; its outputs are {outputs:?} (any of its {} intermediate tensor names works too)",
+            known.len()
+        )));
+    }
+    let (card, _) = Card::for_model(backbone, opts.compile.card.as_deref())?;
+    let given = opts
+        .compile
+        .input_shape
+        .clone()
+        .or(card.input.shape.clone());
+    let shapes = layer_shapes(&imported, &opts.layers, given)?;
+
+    // Patch feature model.
+    let mut patch_proto = imported.proto.clone();
+    let (gh, gw, dim) =
+        head::add_patch_head(&mut patch_proto, &opts.layers, &shapes, opts.aggregation)?;
+    let cells = gh * gw;
+    let budget_rows = (opts.memory_budget_mb * 1024.0 * 1024.0 / (dim * 4) as f64) as usize;
+    if budget_rows < cells {
+        return Err(opt(format!(
+            "a memory budget of {} MB holds {budget_rows} patches of {dim} floats, fewer than one image's {cells}; raise --memory-budget to at least {:.1}",
+            opts.memory_budget_mb,
+            (cells * dim * 4) as f64 / (1024.0 * 1024.0)
+        )));
+    }
+    let mut feature_opts = opts.compile.clone();
+    feature_opts.outputs.clear();
+    feature_opts.task = Some(Task::Features);
+    feature_opts.labels = None;
+    let features = compile_imported(
+        import::from_proto(
+            patch_proto.clone(),
+            imported.bytes.clone(),
+            backbone.parent(),
+            &backbone.display().to_string(),
+        )?,
+        &feature_opts,
+        boards,
+        None,
+    )?;
+    let mut notes = features.notes.clone();
+
+    let mut bank_source = Vec::with_capacity(train.len() * cells * dim);
+    for p in &train {
+        let img = preprocess::load(p)?;
+        let out = features
+            .model
+            .run(vec![features.model.image_tensor(&img)?])?;
+        bank_source.extend(tensor_to_f32(&out[0])?);
+    }
+    let patches = bank_source.len() / dim;
+    let wanted = ((patches as f64 * opts.coreset_ratio).ceil() as usize).max(1);
+    let rows = wanted.min(budget_rows);
+    if rows < wanted {
+        notes.push(format!(
+            "memory budget caps the bank at {rows} patches (coreset ratio asked {wanted})"
+        ));
+    }
+    let picks = greedy_k_center(&bank_source, dim, rows, 128);
+    let mut bank = Vec::with_capacity(picks.len() * dim);
+    for i in &picks {
+        bank.extend_from_slice(&bank_source[i * dim..(i + 1) * dim]);
+    }
+    drop(bank_source);
+
+    // Detector: the same head plus the nearest-neighbour search.
+    let mut detector_proto = patch_proto;
+    head::add_knn(&mut detector_proto, &bank, picks.len(), dim, (gh, gw))?;
+    let mut det_opts = opts.compile.clone();
+    det_opts.outputs.clear();
+    det_opts.task = Some(Task::Anomaly);
+    det_opts.labels = None;
+    let spec = AnomalySpec {
+        map_output: ANOMALY_MAP.into(),
+        layers: opts.layers.clone(),
+        feature_dim: dim,
+        aggregation: opts.aggregation,
+        memory_rows: picks.len(),
+        threshold: 1.0,
+        threshold_method: String::new(),
+        training_images: train.len(),
+    };
+    let detector = compile_imported(
+        import::from_proto(
+            detector_proto,
+            imported.bytes.clone(),
+            backbone.parent(),
+            &backbone.display().to_string(),
+        )?,
+        &det_opts,
+        boards,
+        Some(spec),
+    )?;
+
+    let good_scores = raw_scores(&detector.model, &held_out)?;
+    let defect_scores = raw_scores(&detector.model, &defects)?;
+    let (threshold, method) = if defect_scores.is_empty() {
+        let t = percentile(&good_scores, opts.percentile);
+        (
+            t,
+            format!(
+                "{} percentile of {} held-out good images",
+                opts.percentile,
+                held_out.len()
+            ),
+        )
+    } else {
+        let (t, f1) = best_f1_threshold(&good_scores, &defect_scores);
+        (
+            t,
+            format!(
+                "best F1 ({f1:.3}) on {} held-out good and {} defective images",
+                held_out.len(),
+                defect_scores.len()
+            ),
+        )
+    };
+    if !(threshold.is_finite() && threshold > 0.0) {
+        return Err(opt(format!(
+            "the threshold came out as {threshold}; are the held-out images all identical?"
+        )));
+    }
+    let mut manifest = detector.artifact.manifest.clone();
+    if let Some(a) = manifest.anomaly.as_mut() {
+        a.threshold = threshold;
+        a.threshold_method = method;
+    }
+    let files: BTreeMap<String, Vec<u8>> = detector
+        .artifact
+        .file_names()
+        .filter_map(|n| {
+            detector
+                .artifact
+                .file(n)
+                .map(|d| (n.to_string(), d.to_vec()))
+        })
+        .collect();
+    let artifact = Artifact::new(manifest, files)?;
+    artifact.write(&opts.compile.output)?;
+    Ok(TrainReport {
+        manifest: artifact.manifest,
+        notes,
+        training_images: train.len(),
+        held_out_images: held_out.len(),
+        patches,
+        held_out_good_scores: good_scores,
+        defect_scores,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threshold_helpers() {
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0, 5.0], 50.0), 3.0);
+        assert!((percentile(&[0.0, 10.0], 99.5) - 9.95).abs() < 1e-5);
+        let (t, f1) = best_f1_threshold(&[1.0, 2.0, 3.0], &[5.0, 6.0]);
+        assert_eq!((t, f1), (4.0, 1.0));
+    }
+}

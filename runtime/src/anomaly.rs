@@ -1,0 +1,248 @@
+//! Anomaly maps → decisions: normalized score, OK/NG, defect regions.
+//!
+//! A detector artifact's graph computes the map itself (backbone, patch aggregation and the
+//! nearest-neighbour search against its memory bank are all graph operators); this module
+//! turns the map into what a line needs.
+
+use crate::manifest::{AnomalySpec, Preprocess};
+use crate::preprocess::resized_size;
+use serde::Serialize;
+
+/// OK or NG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Verdict {
+    Ok,
+    Ng,
+}
+
+/// A connected area of the map above the threshold, in the original image's pixels.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Region {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+    /// Share of the inspected area, in percent.
+    pub area_percent: f32,
+    /// Highest normalized score inside the region.
+    pub peak_score: f32,
+}
+
+/// The anomaly map, normalized (1.0 = threshold), row-major.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AnomalyMap {
+    pub width: usize,
+    pub height: usize,
+    pub values: Vec<f32>,
+}
+
+/// What the detector says about one image.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AnomalyResult {
+    pub verdict: Verdict,
+    /// Image score divided by the threshold: above 1.0 is NG.
+    pub score: f32,
+    /// Image score before normalization (largest patch distance).
+    pub raw_score: f32,
+    pub regions: Vec<Region>,
+    #[serde(skip)]
+    pub map: AnomalyMap,
+}
+
+/// Where the model input lies in the original image, as fractions (x0, y0, x1, y1).
+pub fn input_window(p: &Preprocess, width: u32, height: u32) -> (f32, f32, f32, f32) {
+    match p.crop {
+        None => (0.0, 0.0, 1.0, 1.0),
+        Some([cw, ch]) => {
+            let (rw, rh) = resized_size(p.resize, width, height);
+            let ox = rw.saturating_sub(cw) / 2;
+            let oy = rh.saturating_sub(ch) / 2;
+            (
+                ox as f32 / rw as f32,
+                oy as f32 / rh as f32,
+                (ox + cw) as f32 / rw as f32,
+                (oy + ch) as f32 / rh as f32,
+            )
+        }
+    }
+}
+
+/// Scores a raw map (`values`, `height` x `width`, row-major) of an image of `image_size`.
+pub fn analyse(
+    spec: &AnomalySpec,
+    preprocess: Option<&Preprocess>,
+    values: &[f32],
+    height: usize,
+    width: usize,
+    image_size: (u32, u32),
+) -> AnomalyResult {
+    let threshold = if spec.threshold > 0.0 {
+        spec.threshold
+    } else {
+        f32::MIN_POSITIVE
+    };
+    let norm: Vec<f32> = values
+        .iter()
+        .map(|v| {
+            if v.is_finite() {
+                v / threshold
+            } else {
+                f32::INFINITY
+            }
+        })
+        .collect();
+    let raw_score =
+        values.iter().copied().fold(
+            0f32,
+            |m, v| if v.is_nan() { f32::INFINITY } else { m.max(v) },
+        );
+    let score = raw_score / threshold;
+    let window = preprocess.map_or((0.0, 0.0, 1.0, 1.0), |p| {
+        input_window(p, image_size.0, image_size.1)
+    });
+    let regions = regions(&norm, height, width, window, image_size);
+    AnomalyResult {
+        verdict: if score > 1.0 {
+            Verdict::Ng
+        } else {
+            Verdict::Ok
+        },
+        score,
+        raw_score,
+        regions,
+        map: AnomalyMap {
+            width,
+            height,
+            values: norm,
+        },
+    }
+}
+
+/// Connected components (4-neighbour) of cells above 1.0, largest first.
+fn regions(
+    norm: &[f32],
+    h: usize,
+    w: usize,
+    (x0, y0, x1, y1): (f32, f32, f32, f32),
+    (iw, ih): (u32, u32),
+) -> Vec<Region> {
+    let mut seen = vec![false; norm.len()];
+    let mut out = Vec::new();
+    let mut stack = Vec::new();
+    for start in 0..norm.len() {
+        if seen[start] || norm[start] <= 1.0 {
+            continue;
+        }
+        let (mut minr, mut maxr, mut minc, mut maxc) = (h, 0, w, 0);
+        let (mut cells, mut peak) = (0usize, 0f32);
+        seen[start] = true;
+        stack.push(start);
+        while let Some(i) = stack.pop() {
+            let (r, c) = (i / w, i % w);
+            cells += 1;
+            peak = peak.max(norm[i]);
+            (minr, maxr, minc, maxc) = (minr.min(r), maxr.max(r), minc.min(c), maxc.max(c));
+            let mut visit = |j: usize| {
+                if !seen[j] && norm[j] > 1.0 {
+                    seen[j] = true;
+                    stack.push(j);
+                }
+            };
+            if r > 0 {
+                visit(i - w);
+            }
+            if r + 1 < h {
+                visit(i + w);
+            }
+            if c > 0 {
+                visit(i - 1);
+            }
+            if c + 1 < w {
+                visit(i + 1);
+            }
+        }
+        // Grid cells → fractions of the model input → pixels of the original image.
+        let fx = |c: usize| ((x0 + (x1 - x0) * c as f32 / w as f32) * iw as f32).round() as u32;
+        let fy = |r: usize| ((y0 + (y1 - y0) * r as f32 / h as f32) * ih as f32).round() as u32;
+        let (px0, py0, px1, py1) = (fx(minc), fy(minr), fx(maxc + 1), fy(maxr + 1));
+        out.push(Region {
+            x: px0,
+            y: py0,
+            width: px1.saturating_sub(px0).max(1),
+            height: py1.saturating_sub(py0).max(1),
+            area_percent: 100.0 * cells as f32 / norm.len() as f32,
+            peak_score: peak,
+        });
+    }
+    out.sort_by(|a, b| b.area_percent.total_cmp(&a.area_percent));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{ChannelOrder, Interpolation, Resize};
+
+    fn spec(threshold: f32) -> AnomalySpec {
+        AnomalySpec {
+            map_output: "anomaly_map".into(),
+            layers: vec![],
+            feature_dim: 1,
+            aggregation: 3,
+            memory_rows: 1,
+            threshold,
+            threshold_method: "test".into(),
+            training_images: 1,
+        }
+    }
+
+    #[test]
+    fn a_clean_map_is_ok_and_a_hot_spot_is_one_ng_region() {
+        let mut map = vec![1.0f32; 16];
+        let r = analyse(&spec(2.0), None, &map, 4, 4, (400, 400));
+        assert_eq!((r.verdict, r.score, r.regions.len()), (Verdict::Ok, 0.5, 0));
+        // Two adjacent hot cells at row 1, columns 2-3; one lone hot cell at (3, 0).
+        map[6] = 5.0;
+        map[7] = 3.0;
+        map[12] = 2.5;
+        let r = analyse(&spec(2.0), None, &map, 4, 4, (400, 400));
+        assert_eq!(r.verdict, Verdict::Ng);
+        assert_eq!(r.score, 2.5);
+        assert_eq!(r.regions.len(), 2);
+        let big = &r.regions[0];
+        assert_eq!((big.x, big.y, big.width, big.height), (200, 100, 200, 100));
+        assert_eq!(big.area_percent, 12.5);
+        assert_eq!(big.peak_score, 2.5);
+    }
+
+    #[test]
+    fn regions_map_back_through_the_center_crop() {
+        let p = Preprocess {
+            resize: Resize::ShorterSide { size: 256 },
+            interpolation: Interpolation::Bilinear,
+            crop: Some([224, 224]),
+            channels: ChannelOrder::Rgb,
+            scale: 1.0,
+            mean: vec![0.0; 3],
+            std: vec![1.0; 3],
+        };
+        // 512x256 image → resized 512x256 → crop x 144..368, y 16..240.
+        let (x0, y0, x1, y1) = input_window(&p, 512, 256);
+        assert_eq!(
+            (x0 * 512.0, y0 * 256.0, x1 * 512.0, y1 * 256.0),
+            (144.0, 16.0, 368.0, 240.0)
+        );
+        let mut map = vec![0.0f32; 4];
+        map[0] = 10.0; // top-left quarter of the crop
+        let r = analyse(&spec(1.0), Some(&p), &map, 2, 2, (512, 256));
+        assert_eq!(r.regions[0].x, 144);
+        assert_eq!(r.regions[0].width, 112);
+    }
+
+    #[test]
+    fn nan_in_the_map_is_never_ok() {
+        let r = analyse(&spec(1.0), None, &[0.1, f32::NAN], 1, 2, (10, 10));
+        assert_eq!(r.verdict, Verdict::Ng);
+    }
+}
