@@ -257,7 +257,8 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
         )));
     }
     let mut feature_opts = opts.compile.clone();
-    feature_opts.outputs.clear();
+    // Explicit outputs: a card's `[output] names` describe the backbone, not this head.
+    feature_opts.outputs = vec![head::PATCHES.to_string()];
     feature_opts.task = Some(Task::Features);
     feature_opts.labels = None;
     let features = compile_imported(
@@ -300,7 +301,7 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
     let mut detector_proto = patch_proto;
     head::add_knn(&mut detector_proto, &bank, picks.len(), dim, (gh, gw))?;
     let mut det_opts = opts.compile.clone();
-    det_opts.outputs.clear();
+    det_opts.outputs = vec![ANOMALY_MAP.to_string()];
     det_opts.task = Some(Task::Anomaly);
     det_opts.labels = None;
     let spec = AnomalySpec {
