@@ -301,6 +301,12 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
     let mut detector_proto = patch_proto;
     head::add_knn(&mut detector_proto, &bank, picks.len(), dim, (gh, gw))?;
     let mut det_opts = opts.compile.clone();
+    det_opts.name = opts.compile.name.clone().or_else(|| {
+        opts.compile
+            .output
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+    });
     det_opts.outputs = vec![ANOMALY_MAP.to_string()];
     det_opts.task = Some(Task::Anomaly);
     det_opts.labels = None;
