@@ -134,8 +134,15 @@ struct TrainAnomalyArgs {
     #[arg(long, value_delimiter = ',', required = true)]
     layers: Vec<String>,
     /// Folder of good images (repeatable). Every tenth is held out to set the threshold.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "dataset")]
     normal: Vec<PathBuf>,
+    /// Or a labelled dataset (MVTec: train/good; magnetic tile: the first --train-good of
+    /// MT_Free) to take the good training images from.
+    #[arg(long, conflicts_with = "normal")]
+    dataset: Option<PathBuf>,
+    /// Good images to train on in a magnetic-tile dataset [default: 100].
+    #[arg(long)]
+    train_good: Option<usize>,
     /// Folder of defective images (or of one folder per defect type): the threshold then
     /// maximizes F1 instead of taking a percentile of good scores.
     #[arg(long)]
@@ -199,6 +206,10 @@ enum Command {
         detector: PathBuf,
         #[arg(long)]
         dataset: PathBuf,
+        /// Good images the detector was trained on in a magnetic-tile dataset (not tested)
+        /// [default: 100].
+        #[arg(long)]
+        train_good: Option<usize>,
     },
     /// Verify an artifact and show its manifest, operators, parameter count and sizes.
     Inspect {
@@ -313,13 +324,18 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", report.render());
             }
         }
-        Command::Eval { detector, dataset } => {
-            let report = neoc::anomaly::eval_anomaly(&detector, &dataset)?;
+        Command::Eval {
+            detector,
+            dataset,
+            train_good,
+        } => {
+            let report = neoc::anomaly::eval_anomaly(&detector, &dataset, train_good)?;
             eprintln!(
-                "{} images ({} defective): image AUROC {:.4}; at the threshold precision {:.3} recall {:.3} F1 {:.3}; latency p50 {:.1} ms p99 {:.1} ms",
+                "{} images ({} defective): image AUROC {:.4}, pixel AUROC {}; at the threshold precision {:.3} recall {:.3} F1 {:.3}; latency p50 {:.1} ms p99 {:.1} ms",
                 report.images,
                 report.defective,
                 report.image_auroc,
+                report.pixel_auroc.map_or("n/a (no masks)".to_string(), |a| format!("{a:.4}")),
                 report.precision,
                 report.recall,
                 report.f1,
@@ -335,6 +351,8 @@ fn run(cli: Cli) -> Result<()> {
                 backbone,
                 layers,
                 normal,
+                dataset,
+                train_good,
                 defects,
                 target,
                 output,
@@ -348,6 +366,8 @@ fn run(cli: Cli) -> Result<()> {
                 compile: options(backbone, target, output.clone(), input)?,
                 layers,
                 normal,
+                dataset,
+                train_good,
                 defects,
                 memory_budget_mb: memory_budget,
                 coreset_ratio,

@@ -92,6 +92,8 @@ fn bottle_detector_from_good_images_reaches_auroc_099() {
         },
         layers: vec!["stage3".into(), "stage5".into()],
         normal: vec![bottle.join("train/good")],
+        dataset: None,
+        train_good: None,
         defects: None,
         memory_budget_mb: 16.0,
         coreset_ratio: 0.02,
@@ -100,7 +102,7 @@ fn bottle_detector_from_good_images_reaches_auroc_099() {
     };
     let trained = neoc::anomaly::train_anomaly(&opts, &Boards::shipped()).expect("trains");
     assert_eq!(trained.training_images + trained.held_out_images, 209);
-    let report = neoc::anomaly::eval_anomaly(&out, &bottle).expect("evaluates");
+    let report = neoc::anomaly::eval_anomaly(&out, &bottle, None).expect("evaluates");
     assert_eq!(report.images, 83);
     assert!(
         report.image_auroc >= 0.99,

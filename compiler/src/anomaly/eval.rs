@@ -1,94 +1,76 @@
 //! `neoc eval`: how well a detector separates good from defective images on a labelled set.
 
+use super::dataset::Dataset;
 use crate::error::{CompileError, Result};
 use neo_runtime::anomaly::Verdict;
+use neo_runtime::anomaly::{input_window, AnomalyMap};
 use neo_runtime::{preprocess, Model};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-/// One labelled test image.
-#[derive(Debug, Clone)]
-pub struct Sample {
-    pub path: PathBuf,
-    /// Defect type, or "good".
-    pub kind: String,
-    pub defective: bool,
-}
-
-/// Finds the test images of an MVTec AD layout (`test/<type>/*`, `good` is normal).
-pub fn discover(dataset: &Path) -> Result<Vec<Sample>> {
-    let test = dataset.join("test");
-    if !test.is_dir() {
-        return Err(CompileError::Options(format!(
-            "{} has no test/ folder; expected the MVTec AD layout test/good/, test/<defect type>/",
-            dataset.display()
-        )));
-    }
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| CompileError::Io { path, source }
-    };
-    let mut kinds: Vec<PathBuf> = std::fs::read_dir(&test)
-        .map_err(io(&test))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    kinds.sort();
-    let mut out = Vec::new();
-    for dir in kinds {
-        let kind = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        for path in preprocess::list_images(&dir).map_err(io(&dir))? {
-            out.push(Sample {
-                path,
-                defective: kind != "good",
-                kind: kind.clone(),
-            });
-        }
-    }
-    if !out.iter().any(|s| s.defective) || out.iter().all(|s| s.defective) {
-        return Err(CompileError::Options(format!(
-            "{} needs both good and defective test images",
-            test.display()
-        )));
-    }
-    Ok(out)
-}
-
-/// Area under the ROC curve of `scores` for `positive` labels (ties count half).
+/// Area under the ROC curve of `scores` for `positive` labels (Mann-Whitney U with tied
+/// scores sharing their average rank); NaN when either class is empty. O(n log n).
 pub fn auroc(scores: &[f32], positive: &[bool]) -> f64 {
-    let pos: Vec<f32> = scores
+    let mut pairs: Vec<(f32, bool)> = scores
         .iter()
-        .zip(positive)
-        .filter(|(_, p)| **p)
-        .map(|(s, _)| *s)
+        .copied()
+        .zip(positive.iter().copied())
         .collect();
-    let neg: Vec<f32> = scores
-        .iter()
-        .zip(positive)
-        .filter(|(_, p)| !**p)
-        .map(|(s, _)| *s)
-        .collect();
-    if pos.is_empty() || neg.is_empty() {
+    pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let n_pos = pairs.iter().filter(|p| p.1).count() as f64;
+    let n_neg = pairs.len() as f64 - n_pos;
+    if n_pos == 0.0 || n_neg == 0.0 {
         return f64::NAN;
     }
-    let mut wins = 0f64;
-    for p in &pos {
-        for n in &neg {
-            wins += if p > n {
-                1.0
-            } else if p == n {
-                0.5
-            } else {
-                0.0
-            };
+    let mut rank_sum = 0f64;
+    let mut i = 0;
+    while i < pairs.len() {
+        let mut j = i;
+        while j < pairs.len() && pairs[j].0 == pairs[i].0 {
+            j += 1;
+        }
+        let avg_rank = (i + 1 + j) as f64 / 2.0;
+        rank_sum += avg_rank * pairs[i..j].iter().filter(|p| p.1).count() as f64;
+        i = j;
+    }
+    (rank_sum - n_pos * (n_pos + 1.0) / 2.0) / (n_pos * n_neg)
+}
+
+/// The map's value at each pixel of a `width` x `height` image (bilinear between grid cell
+/// centres; pixels outside the model's input window get the map's minimum).
+fn map_to_pixels(
+    map: &AnomalyMap,
+    window: (f32, f32, f32, f32),
+    width: u32,
+    height: u32,
+) -> Vec<f32> {
+    let (x0, y0, x1, y1) = window;
+    let floor = map.values.iter().copied().fold(f32::INFINITY, f32::min);
+    let at = |r: usize, c: usize| map.values[r * map.width + c];
+    let mut out = Vec::with_capacity((width * height) as usize);
+    for y in 0..height {
+        let fy = (y as f32 + 0.5) / height as f32;
+        for x in 0..width {
+            let fx = (x as f32 + 0.5) / width as f32;
+            if fx < x0 || fx > x1 || fy < y0 || fy > y1 {
+                out.push(floor);
+                continue;
+            }
+            let u =
+                ((fx - x0) / (x1 - x0) * map.width as f32 - 0.5).clamp(0.0, (map.width - 1) as f32);
+            let v = ((fy - y0) / (y1 - y0) * map.height as f32 - 0.5)
+                .clamp(0.0, (map.height - 1) as f32);
+            let (c0, r0) = (u.floor() as usize, v.floor() as usize);
+            let (c1, r1) = ((c0 + 1).min(map.width - 1), (r0 + 1).min(map.height - 1));
+            let (du, dv) = (u - c0 as f32, v - r0 as f32);
+            let top = at(r0, c0) * (1.0 - du) + at(r0, c1) * du;
+            let bottom = at(r1, c0) * (1.0 - du) + at(r1, c1) * du;
+            out.push(top * (1.0 - dv) + bottom * dv);
         }
     }
-    wins / (pos.len() * neg.len()) as f64
+    out
 }
 
 #[derive(Debug, Serialize)]
@@ -121,6 +103,9 @@ pub struct EvalReport {
     pub images: usize,
     pub defective: usize,
     pub image_auroc: f64,
+    /// Over every pixel of the test images, where the dataset has defect masks (good images
+    /// count as all-normal); `None` without masks.
+    pub pixel_auroc: Option<f64>,
     /// At the stored threshold (normalized score 1.0).
     pub precision: f64,
     pub recall: f64,
@@ -137,8 +122,14 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((p / 100.0) * (sorted.len() - 1) as f64).round() as usize]
 }
 
-/// Scores every test image of `dataset` with the detector at `artifact`.
-pub fn eval_anomaly(artifact: &Path, dataset: &Path) -> Result<EvalReport> {
+/// Scores every test image of `dataset` with the detector at `artifact`. `train_good` is the
+/// number of good images the detector was trained on in a magnetic-tile layout (they are not
+/// tested); MVTec layouts carry their own split.
+pub fn eval_anomaly(
+    artifact: &Path,
+    dataset: &Path,
+    train_good: Option<usize>,
+) -> Result<EvalReport> {
     let model = Model::load(artifact)?;
     if model.manifest().anomaly.is_none() {
         return Err(CompileError::Options(format!(
@@ -146,7 +137,14 @@ pub fn eval_anomaly(artifact: &Path, dataset: &Path) -> Result<EvalReport> {
             artifact.display()
         )));
     }
-    let samples = discover(dataset)?;
+    let samples = Dataset::open(dataset, train_good)?.test;
+    let with_masks = samples.iter().any(|s| s.defective && s.mask.is_some());
+    let pre = model
+        .manifest()
+        .inputs
+        .first()
+        .and_then(|i| i.preprocess.clone());
+    let (mut pixel_scores, mut pixel_labels) = (Vec::new(), Vec::new());
     let mut scores = Vec::new();
     let mut latencies = Vec::new();
     for s in &samples {
@@ -160,6 +158,28 @@ pub fn eval_anomaly(artifact: &Path, dataset: &Path) -> Result<EvalReport> {
             .ok_or_else(|| CompileError::Options("the detector gave no anomaly map".into()))?;
         debug_assert_eq!(result.verdict == Verdict::Ng, result.score > 1.0);
         scores.push(result.score);
+        if with_masks && (s.mask.is_some() || !s.defective) {
+            let (w, h) = (img.width(), img.height());
+            let window = pre
+                .as_ref()
+                .map_or((0.0, 0.0, 1.0, 1.0), |p| input_window(p, w, h));
+            pixel_scores.extend(map_to_pixels(&result.map, window, w, h));
+            match &s.mask {
+                Some(m) => {
+                    let mask = preprocess::load(m)?.to_luma8();
+                    if mask.dimensions() != (w, h) {
+                        return Err(CompileError::Options(format!(
+                            "mask {} is {}x{} but its image is {w}x{h}",
+                            m.display(),
+                            mask.width(),
+                            mask.height()
+                        )));
+                    }
+                    pixel_labels.extend(mask.pixels().map(|p| p.0[0] > 0));
+                }
+                None => pixel_labels.extend(std::iter::repeat_n(false, (w * h) as usize)),
+            }
+        }
     }
     let labels: Vec<bool> = samples.iter().map(|s| s.defective).collect();
     let ng = |score: f32| score > 1.0;
@@ -200,6 +220,7 @@ pub fn eval_anomaly(artifact: &Path, dataset: &Path) -> Result<EvalReport> {
         images: samples.len(),
         defective: labels.iter().filter(|d| **d).count(),
         image_auroc: auroc(&scores, &labels),
+        pixel_auroc: with_masks.then(|| auroc(&pixel_scores, &pixel_labels)),
         precision,
         recall,
         f1,
@@ -236,5 +257,24 @@ mod tests {
         );
         assert_eq!(auroc(&[0.5, 0.5], &[false, true]), 0.5);
         assert!(auroc(&[0.5], &[true]).is_nan());
+        // Ties between classes count half: one pair of four is tied.
+        assert_eq!(
+            auroc(&[0.1, 0.5, 0.5, 0.9], &[false, false, true, true]),
+            0.875
+        );
+    }
+
+    #[test]
+    fn the_map_spreads_over_the_image_window() {
+        let map = AnomalyMap {
+            width: 2,
+            height: 1,
+            values: vec![0.0, 1.0],
+        };
+        let px = map_to_pixels(&map, (0.0, 0.0, 1.0, 1.0), 4, 1);
+        assert_eq!(px, [0.0, 0.25, 0.75, 1.0]);
+        // Outside a centre window the minimum is used.
+        let px = map_to_pixels(&map, (0.25, 0.0, 0.75, 1.0), 4, 1);
+        assert_eq!((px[0], px[3]), (0.0, 0.0));
     }
 }

@@ -2,6 +2,7 @@
 //! trained on a compiled backbone's patch features, packaged as an ordinary `.neo` artifact.
 
 pub mod coreset;
+pub mod dataset;
 pub mod eval;
 pub mod head;
 pub mod train;

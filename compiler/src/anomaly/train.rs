@@ -28,6 +28,10 @@ pub struct TrainOptions {
     pub layers: Vec<String>,
     /// Folders (or files) of good images.
     pub normal: Vec<PathBuf>,
+    /// Or a labelled dataset (MVTec or magnetic-tile layout) whose good training split is used.
+    pub dataset: Option<PathBuf>,
+    /// With a magnetic-tile dataset: how many good images to train on (the rest are tested).
+    pub train_good: Option<usize>,
     /// Optional folder of defective images (or of one folder per defect type) to set the
     /// threshold by best F1.
     pub defects: Option<PathBuf>,
@@ -200,12 +204,30 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
     }
 
     // Images first: a missing folder is the cheapest thing to report.
-    let normal = collect_images(&opts.normal)?;
+    let (normal, source) = match &opts.dataset {
+        Some(d) => (
+            super::dataset::Dataset::open(d, opts.train_good)?.train_good,
+            d.display().to_string(),
+        ),
+        None if opts.normal.is_empty() => {
+            return Err(opt(
+                "give good images with --normal DIR (or a dataset with --dataset DIR)".into(),
+            ))
+        }
+        None => (
+            collect_images(&opts.normal)?,
+            opts.normal
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+    };
     if normal.len() < MIN_GOOD_IMAGES {
         return Err(opt(format!(
             "found {} good image(s) in {}; at least {MIN_GOOD_IMAGES} are needed to learn what normal looks like and to set a threshold",
             normal.len(),
-            opts.normal.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            source
         )));
     }
     let defects = match &opts.defects {
