@@ -111,6 +111,38 @@ pub fn opset(model: &ModelProto) -> i64 {
         .map_or(0, |o| o.version)
 }
 
+/// Replaces the declared shape of the graph's first real input (not an initializer) with
+/// `shape`. Valid for the fully convolutional part of a backbone: feature layers then come
+/// out at the new resolution.
+pub fn set_input_shape(model: &mut ModelProto, shape: &[usize]) -> Result<()> {
+    use tract_onnx::pb::tensor_shape_proto::{dimension, Dimension};
+    use tract_onnx::pb::type_proto;
+    let g = graph_mut(model)?;
+    let initializers: Vec<String> = g.initializer.iter().map(|t| t.name.clone()).collect();
+    let input = g
+        .input
+        .iter_mut()
+        .find(|i| !initializers.contains(&i.name))
+        .ok_or_else(|| CompileError::Options("the backbone has no input".into()))?;
+    let Some(type_proto::Value::TensorType(t)) =
+        input.r#type.as_mut().and_then(|t| t.value.as_mut())
+    else {
+        return Err(CompileError::Options(format!(
+            "input '{}' is not a tensor",
+            input.name
+        )));
+    };
+    let dims = t.shape.get_or_insert_with(Default::default);
+    dims.dim = shape
+        .iter()
+        .map(|d| Dimension {
+            value: Some(dimension::Value::DimValue(*d as i64)),
+            ..Default::default()
+        })
+        .collect();
+    Ok(())
+}
+
 /// Every tensor name the graph produces (node outputs), for "which layers are there".
 pub fn tensor_names(model: &ModelProto) -> Vec<String> {
     model

@@ -196,7 +196,7 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
             "give the backbone layers to use, e.g. --layers stage3,stage5".into(),
         ));
     }
-    if opts.aggregation == 0 || opts.aggregation % 2 == 0 {
+    if opts.aggregation.is_multiple_of(2) {
         return Err(opt(format!(
             "--aggregation must be odd (1, 3, 5 …), not {}",
             opts.aggregation
@@ -243,7 +243,27 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
     let held_out: Vec<PathBuf> = held_out.into_iter().map(|(_, p)| p).collect();
     let train: Vec<PathBuf> = train.into_iter().map(|(_, p)| p).collect();
 
-    let imported = import::import(backbone)?;
+    let mut imported = import::import(backbone)?;
+    let (card, _) = Card::for_model(backbone, opts.compile.card.as_deref())?;
+    let given = opts
+        .compile
+        .input_shape
+        .clone()
+        .or(card.input.shape.clone());
+    let mut notes = Vec::new();
+    if let Some(shape) = &opts.compile.input_shape {
+        // Feature layers of a convolutional backbone work at any resolution: take the shape
+        // asked for even where the model declares a fixed one.
+        let mut proto = imported.proto.clone();
+        head::set_input_shape(&mut proto, shape)?;
+        imported = import::from_proto(
+            proto,
+            imported.bytes,
+            backbone.parent(),
+            &backbone.display().to_string(),
+        )?;
+        notes.push(format!("backbone input set to {shape:?}"));
+    }
     let known = head::tensor_names(&imported.proto);
     if let Some(missing) = opts.layers.iter().find(|l| !known.contains(l)) {
         let outputs: Vec<String> = imported
@@ -257,12 +277,6 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
             known.len()
         )));
     }
-    let (card, _) = Card::for_model(backbone, opts.compile.card.as_deref())?;
-    let given = opts
-        .compile
-        .input_shape
-        .clone()
-        .or(card.input.shape.clone());
     let shapes = layer_shapes(&imported, &opts.layers, given)?;
 
     // Patch feature model.
@@ -294,7 +308,7 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
         boards,
         None,
     )?;
-    let mut notes = features.notes.clone();
+    notes.extend(features.notes.iter().cloned());
 
     let mut bank_source = Vec::with_capacity(train.len() * cells * dim);
     for p in &train {
