@@ -37,6 +37,96 @@ pub struct AnomalyMap {
     pub values: Vec<f32>,
 }
 
+impl AnomalyMap {
+    /// The map's value at each pixel of a `width` x `height` image (bilinear between grid cell
+    /// centres; pixels outside the model's input window get the map's minimum).
+    pub fn to_pixels(&self, window: (f32, f32, f32, f32), width: u32, height: u32) -> Vec<f32> {
+        let map = self;
+        let (x0, y0, x1, y1) = window;
+        let floor = map.values.iter().copied().fold(f32::INFINITY, f32::min);
+        let at = |r: usize, c: usize| map.values[r * map.width + c];
+        let mut out = Vec::with_capacity((width * height) as usize);
+        for y in 0..height {
+            let fy = (y as f32 + 0.5) / height as f32;
+            for x in 0..width {
+                let fx = (x as f32 + 0.5) / width as f32;
+                if fx < x0 || fx > x1 || fy < y0 || fy > y1 {
+                    out.push(floor);
+                    continue;
+                }
+                let u = ((fx - x0) / (x1 - x0) * map.width as f32 - 0.5)
+                    .clamp(0.0, (map.width - 1) as f32);
+                let v = ((fy - y0) / (y1 - y0) * map.height as f32 - 0.5)
+                    .clamp(0.0, (map.height - 1) as f32);
+                let (c0, r0) = (u.floor() as usize, v.floor() as usize);
+                let (c1, r1) = ((c0 + 1).min(map.width - 1), (r0 + 1).min(map.height - 1));
+                let (du, dv) = (u - c0 as f32, v - r0 as f32);
+                let top = at(r0, c0) * (1.0 - du) + at(r0, c1) * du;
+                let bottom = at(r1, c0) * (1.0 - du) + at(r1, c1) * du;
+                out.push(top * (1.0 - dv) + bottom * dv);
+            }
+        }
+        out
+    }
+}
+
+/// Heat colour for a normalized score: transparent below 0.75, then blue → yellow (at the
+/// threshold's neighbourhood) → red at 2.
+fn heat(v: f32) -> Option<([f32; 3], f32)> {
+    if !(v > 0.75) {
+        return None;
+    }
+    let t = ((v - 0.75) / 1.25).clamp(0.0, 1.0);
+    let rgb = if t < 0.5 {
+        [2.0 * t * 255.0, 2.0 * t * 255.0, (1.0 - 2.0 * t) * 255.0]
+    } else {
+        [255.0, (2.0 - 2.0 * t) * 255.0, 0.0]
+    };
+    Some((rgb, 0.25 + 0.35 * t))
+}
+
+/// The image with the anomaly map blended over it and each defect region outlined.
+pub fn overlay(
+    image: &image::DynamicImage,
+    result: &AnomalyResult,
+    window: (f32, f32, f32, f32),
+) -> image::RgbImage {
+    let mut out = image.to_rgb8();
+    let (w, h) = out.dimensions();
+    let values = result.map.to_pixels(window, w, h);
+    for (px, v) in out.pixels_mut().zip(values) {
+        if let Some((rgb, a)) = heat(v) {
+            for c in 0..3 {
+                px.0[c] = (px.0[c] as f32 * (1.0 - a) + rgb[c] * a).round() as u8;
+            }
+        }
+    }
+    let red = image::Rgb([255, 0, 0]);
+    for r in &result.regions {
+        let (x1, y1) = (
+            (r.x + r.width).min(w) as i64 - 1,
+            (r.y + r.height).min(h) as i64 - 1,
+        );
+        for t in 0..2i64 {
+            for x in r.x as i64..=x1 {
+                for y in [r.y as i64 + t, y1 - t] {
+                    if (0..w as i64).contains(&x) && (0..h as i64).contains(&y) {
+                        out.put_pixel(x as u32, y as u32, red);
+                    }
+                }
+            }
+            for y in r.y as i64..=y1 {
+                for x in [r.x as i64 + t, x1 - t] {
+                    if (0..w as i64).contains(&x) && (0..h as i64).contains(&y) {
+                        out.put_pixel(x as u32, y as u32, red);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// What the detector says about one image.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AnomalyResult {
@@ -238,6 +328,44 @@ mod tests {
         let r = analyse(&spec(1.0), Some(&p), &map, 2, 2, (512, 256));
         assert_eq!(r.regions[0].x, 144);
         assert_eq!(r.regions[0].width, 112);
+    }
+
+    #[test]
+    fn the_map_spreads_over_the_image_window() {
+        let map = AnomalyMap {
+            width: 2,
+            height: 1,
+            values: vec![0.0, 1.0],
+        };
+        let px = map.to_pixels((0.0, 0.0, 1.0, 1.0), 4, 1);
+        assert_eq!(px, [0.0, 0.25, 0.75, 1.0]);
+        // Outside a centre window the minimum is used.
+        let px = map.to_pixels((0.25, 0.0, 0.75, 1.0), 4, 1);
+        assert_eq!((px[0], px[3]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn overlay_colours_hot_cells_and_outlines_regions() {
+        let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+            40,
+            40,
+            image::Rgb([128, 128, 128]),
+        ));
+        let mut map = vec![0.0f32; 16];
+        map[5] = 4.0; // row 1, col 1 → pixels 10..20
+        let r = analyse(&spec(1.0), None, &map, 4, 4, (40, 40));
+        let o = overlay(&img, &r, (0.0, 0.0, 1.0, 1.0));
+        assert_eq!(o.get_pixel(10, 10).0, [255, 0, 0], "region outline");
+        assert_eq!(
+            o.get_pixel(35, 35).0,
+            [128, 128, 128],
+            "cold cells untouched"
+        );
+        let hot = o.get_pixel(15, 15).0;
+        assert!(
+            hot[0] > 128 && hot[2] < 128,
+            "hot centre is reddish: {hot:?}"
+        );
     }
 
     #[test]

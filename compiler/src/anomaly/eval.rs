@@ -2,8 +2,8 @@
 
 use super::dataset::Dataset;
 use crate::error::{CompileError, Result};
+use neo_runtime::anomaly::input_window;
 use neo_runtime::anomaly::Verdict;
-use neo_runtime::anomaly::{input_window, AnomalyMap};
 use neo_runtime::{preprocess, Model};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -36,41 +36,6 @@ pub fn auroc(scores: &[f32], positive: &[bool]) -> f64 {
         i = j;
     }
     (rank_sum - n_pos * (n_pos + 1.0) / 2.0) / (n_pos * n_neg)
-}
-
-/// The map's value at each pixel of a `width` x `height` image (bilinear between grid cell
-/// centres; pixels outside the model's input window get the map's minimum).
-fn map_to_pixels(
-    map: &AnomalyMap,
-    window: (f32, f32, f32, f32),
-    width: u32,
-    height: u32,
-) -> Vec<f32> {
-    let (x0, y0, x1, y1) = window;
-    let floor = map.values.iter().copied().fold(f32::INFINITY, f32::min);
-    let at = |r: usize, c: usize| map.values[r * map.width + c];
-    let mut out = Vec::with_capacity((width * height) as usize);
-    for y in 0..height {
-        let fy = (y as f32 + 0.5) / height as f32;
-        for x in 0..width {
-            let fx = (x as f32 + 0.5) / width as f32;
-            if fx < x0 || fx > x1 || fy < y0 || fy > y1 {
-                out.push(floor);
-                continue;
-            }
-            let u =
-                ((fx - x0) / (x1 - x0) * map.width as f32 - 0.5).clamp(0.0, (map.width - 1) as f32);
-            let v = ((fy - y0) / (y1 - y0) * map.height as f32 - 0.5)
-                .clamp(0.0, (map.height - 1) as f32);
-            let (c0, r0) = (u.floor() as usize, v.floor() as usize);
-            let (c1, r1) = ((c0 + 1).min(map.width - 1), (r0 + 1).min(map.height - 1));
-            let (du, dv) = (u - c0 as f32, v - r0 as f32);
-            let top = at(r0, c0) * (1.0 - du) + at(r0, c1) * du;
-            let bottom = at(r1, c0) * (1.0 - du) + at(r1, c1) * du;
-            out.push(top * (1.0 - dv) + bottom * dv);
-        }
-    }
-    out
 }
 
 #[derive(Debug, Serialize)]
@@ -163,7 +128,7 @@ pub fn eval_anomaly(
             let window = pre
                 .as_ref()
                 .map_or((0.0, 0.0, 1.0, 1.0), |p| input_window(p, w, h));
-            pixel_scores.extend(map_to_pixels(&result.map, window, w, h));
+            pixel_scores.extend(result.map.to_pixels(window, w, h));
             match &s.mask {
                 Some(m) => {
                     let mask = preprocess::load(m)?.to_luma8();
@@ -262,19 +227,5 @@ mod tests {
             auroc(&[0.1, 0.5, 0.5, 0.9], &[false, false, true, true]),
             0.875
         );
-    }
-
-    #[test]
-    fn the_map_spreads_over_the_image_window() {
-        let map = AnomalyMap {
-            width: 2,
-            height: 1,
-            values: vec![0.0, 1.0],
-        };
-        let px = map_to_pixels(&map, (0.0, 0.0, 1.0, 1.0), 4, 1);
-        assert_eq!(px, [0.0, 0.25, 0.75, 1.0]);
-        // Outside a centre window the minimum is used.
-        let px = map_to_pixels(&map, (0.25, 0.0, 0.75, 1.0), 4, 1);
-        assert_eq!((px[0], px[3]), (0.0, 0.0));
     }
 }

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use neo_runtime::preprocess::{self, IMAGE_EXTENSIONS};
-use neo_runtime::{tensor_to_f32, Model};
+use neo_runtime::{anomaly, tensor_to_f32, Model};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -32,6 +32,10 @@ enum Command {
         /// Image files or folders of images (jpg, png, bmp, tiff, webp).
         #[arg(required = true)]
         images: Vec<PathBuf>,
+        /// For anomaly detectors: write each image with its heat map and defect regions
+        /// drawn over it to DIR/<name>.overlay.png.
+        #[arg(long, value_name = "DIR")]
+        overlay: Option<PathBuf>,
         /// How many classes to print per image.
         #[arg(long, default_value_t = 5)]
         top_k: usize,
@@ -208,15 +212,43 @@ fn collect_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn classify_one(model: &Model, path: &Path, top_k: usize) -> Result<serde_json::Value> {
+fn classify_one(
+    model: &Model,
+    path: &Path,
+    top_k: usize,
+    overlay: Option<&Path>,
+) -> Result<serde_json::Value> {
     let start = Instant::now();
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let name = path.display().to_string();
     let image = preprocess::decode(&name, &bytes)?;
     let decode_ms = start.elapsed().as_secs_f64() * 1e3;
     let (predictions, timings) = model.predict(&image, top_k)?;
+    let mut overlay_file = None;
+    if let (Some(dir), Some(result)) =
+        (overlay, predictions.iter().find_map(|p| p.anomaly.as_ref()))
+    {
+        let window = model
+            .manifest()
+            .inputs
+            .first()
+            .and_then(|i| i.preprocess.as_ref())
+            .map_or((0.0, 0.0, 1.0, 1.0), |p| {
+                anomaly::input_window(p, image.width(), image.height())
+            });
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let file = dir.join(format!("{stem}.overlay.png"));
+        anomaly::overlay(&image, result, window)
+            .save(&file)
+            .with_context(|| format!("cannot write {}", file.display()))?;
+        overlay_file = Some(file.display().to_string());
+    }
     Ok(serde_json::json!({
         "file": name,
+        "overlay": overlay_file,
         "width": image.width(),
         "height": image.height(),
         "predictions": predictions,
@@ -273,8 +305,13 @@ fn run(cli: Cli) -> Result<bool> {
             images,
             top_k,
             format,
+            overlay,
         } => {
             let images = collect_images(&images)?;
+            if let Some(dir) = &overlay {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
             let model = Model::load(&model)?;
             eprintln!(
                 "loaded {} ({} on {}) in {:.1} ms",
@@ -286,7 +323,7 @@ fn run(cli: Cli) -> Result<bool> {
             let mut all_ok = true;
             let mut out = std::io::stdout().lock();
             for path in &images {
-                let record = match classify_one(&model, path, top_k) {
+                let record = match classify_one(&model, path, top_k, overlay.as_deref()) {
                     Ok(record) => record,
                     Err(e) => {
                         all_ok = false;
