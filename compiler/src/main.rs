@@ -210,6 +210,9 @@ enum Command {
         /// [default: 100].
         #[arg(long)]
         train_good: Option<usize>,
+        /// Also write an HTML report (ROC curve, score histogram, worst misses with heat maps).
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
     },
     /// Verify an artifact and show its manifest, operators, parameter count and sizes.
     Inspect {
@@ -328,8 +331,16 @@ fn run(cli: Cli) -> Result<()> {
             detector,
             dataset,
             train_good,
+            html,
         } => {
             let report = neoc::anomaly::eval_anomaly(&detector, &dataset, train_good)?;
+            if let Some(path) = &html {
+                let model = neo_runtime::Model::load(&detector)?;
+                let page = neoc::anomaly::report::html(&report, &model)?;
+                std::fs::write(path, page)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                eprintln!("report: {}", path.display());
+            }
             eprintln!(
                 "{} images ({} defective): image AUROC {:.4}, pixel AUROC {}; at the threshold precision {:.3} recall {:.3} F1 {:.3}; latency p50 {:.1} ms p99 {:.1} ms",
                 report.images,

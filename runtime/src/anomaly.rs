@@ -73,7 +73,7 @@ impl AnomalyMap {
 /// Heat colour for a normalized score: transparent below 0.75, then blue → yellow (at the
 /// threshold's neighbourhood) → red at 2.
 fn heat(v: f32) -> Option<([f32; 3], f32)> {
-    if !(v > 0.75) {
+    if v.is_nan() || v <= 0.75 {
         return None;
     }
     let t = ((v - 0.75) / 1.25).clamp(0.0, 1.0);
@@ -96,8 +96,8 @@ pub fn overlay(
     let values = result.map.to_pixels(window, w, h);
     for (px, v) in out.pixels_mut().zip(values) {
         if let Some((rgb, a)) = heat(v) {
-            for c in 0..3 {
-                px.0[c] = (px.0[c] as f32 * (1.0 - a) + rgb[c] * a).round() as u8;
+            for (channel, heat) in px.0.iter_mut().zip(rgb) {
+                *channel = (*channel as f32 * (1.0 - a) + heat * a).round() as u8;
             }
         }
     }

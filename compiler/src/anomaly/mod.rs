@@ -5,6 +5,7 @@ pub mod coreset;
 pub mod dataset;
 pub mod eval;
 pub mod head;
+pub mod report;
 pub mod train;
 
 pub use eval::{eval_anomaly, EvalReport};
