@@ -165,6 +165,10 @@ struct TrainAnomalyArgs {
     /// Percentile of held-out good image scores taken as threshold (without --defects).
     #[arg(long, default_value_t = 99.5)]
     percentile: f64,
+    /// Map cells at each edge left out of the image score and regions (part borders that
+    /// vary from part to part).
+    #[arg(long, default_value_t = 0)]
+    score_border: usize,
     #[command(flatten)]
     input: InputArgs,
 }
@@ -371,6 +375,7 @@ fn run(cli: Cli) -> Result<()> {
                 coreset_ratio,
                 aggregation,
                 percentile,
+                score_border,
                 input,
             } = *args;
             let opts = TrainOptions {
@@ -384,6 +389,7 @@ fn run(cli: Cli) -> Result<()> {
                 coreset_ratio,
                 aggregation,
                 percentile,
+                score_border,
             };
             let r = neoc::anomaly::train_anomaly(&opts, &boards)?;
             for note in &r.notes {

@@ -158,6 +158,28 @@ pub fn input_window(p: &Preprocess, width: u32, height: u32) -> (f32, f32, f32, 
     }
 }
 
+/// Whether cell (r, c) of an `h` x `w` map counts for the image score (not in the border).
+fn scored(spec: &AnomalySpec, r: usize, c: usize, h: usize, w: usize) -> bool {
+    let b = spec.score_border;
+    if 2 * b >= h || 2 * b >= w {
+        return true;
+    }
+    r >= b && r < h - b && c >= b && c < w - b
+}
+
+/// The raw image score of a map: its largest value outside the ignored border (NaN counts as
+/// infinitely anomalous).
+pub fn image_score(spec: &AnomalySpec, values: &[f32], height: usize, width: usize) -> f32 {
+    values
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| scored(spec, i / width.max(1), i % width.max(1), height, width))
+        .fold(
+            0f32,
+            |m, (_, v)| if v.is_nan() { f32::INFINITY } else { m.max(*v) },
+        )
+}
+
 /// Scores a raw map (`values`, `height` x `width`, row-major) of an image of `image_size`.
 pub fn analyse(
     spec: &AnomalySpec,
@@ -182,16 +204,23 @@ pub fn analyse(
             }
         })
         .collect();
-    let raw_score =
-        values.iter().copied().fold(
-            0f32,
-            |m, v| if v.is_nan() { f32::INFINITY } else { m.max(v) },
-        );
+    let raw_score = image_score(spec, values, height, width);
     let score = raw_score / threshold;
     let window = preprocess.map_or((0.0, 0.0, 1.0, 1.0), |p| {
         input_window(p, image_size.0, image_size.1)
     });
-    let regions = regions(&norm, height, width, window, image_size);
+    let in_scope: Vec<f32> = norm
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            if scored(spec, i / width, i % width, height, width) {
+                *v
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let regions = regions(&in_scope, height, width, window, image_size);
     AnomalyResult {
         verdict: if score > 1.0 {
             Verdict::Ng
@@ -284,6 +313,7 @@ mod tests {
             threshold,
             threshold_method: "test".into(),
             training_images: 1,
+            score_border: 0,
         }
     }
 
@@ -366,6 +396,20 @@ mod tests {
             hot[0] > 128 && hot[2] < 128,
             "hot centre is reddish: {hot:?}"
         );
+    }
+
+    #[test]
+    fn the_border_can_be_left_out_of_the_score() {
+        let mut map = vec![0.5f32; 16];
+        map[0] = 9.0; // corner
+        let mut s = spec(1.0);
+        assert_eq!(analyse(&s, None, &map, 4, 4, (4, 4)).verdict, Verdict::Ng);
+        s.score_border = 1;
+        let r = analyse(&s, None, &map, 4, 4, (4, 4));
+        assert_eq!((r.verdict, r.score, r.regions.len()), (Verdict::Ok, 0.5, 0));
+        // A border too wide for the map is ignored rather than leaving nothing to score.
+        s.score_border = 2;
+        assert_eq!(image_score(&s, &map, 4, 4), 9.0);
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub struct AnomalySpec {
     pub threshold_method: String,
     /// Good images the memory bank was built from.
     pub training_images: usize,
+    /// Cells at each edge of the map left out of the image score and of defect regions
+    /// (image borders that vary from part to part rather than defects).
+    #[serde(default)]
+    pub score_border: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -43,6 +43,8 @@ pub struct TrainOptions {
     pub aggregation: usize,
     /// Percentile of held-out good scores used as threshold when no defects are given.
     pub percentile: f64,
+    /// Map cells at each edge left out of the image score.
+    pub score_border: usize,
 }
 
 /// What a training run did.
@@ -143,14 +145,22 @@ fn layer_shapes(
 }
 
 /// Largest patch distance of each image (the raw image score).
-fn raw_scores(model: &Model, images: &[PathBuf]) -> Result<Vec<f32>> {
+fn raw_scores(model: &Model, spec: &AnomalySpec, images: &[PathBuf]) -> Result<Vec<f32>> {
     images
         .iter()
         .map(|p| {
             let img = preprocess::load(p)?;
             let out = model.run(vec![model.image_tensor(&img)?])?;
-            let map = tensor_to_f32(&out[0])?;
-            Ok(map.iter().copied().fold(0f32, f32::max))
+            let (h, w) = match out[0].shape() {
+                [.., h, w] => (*h, *w),
+                _ => (1, out[0].len()),
+            };
+            Ok(neo_runtime::anomaly::image_score(
+                spec,
+                &tensor_to_f32(&out[0])?,
+                h,
+                w,
+            ))
         })
         .collect()
 }
@@ -355,6 +365,7 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
         threshold: 1.0,
         threshold_method: String::new(),
         training_images: train.len(),
+        score_border: opts.score_border,
     };
     let detector = compile_imported(
         import::from_proto(
@@ -365,11 +376,11 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
         )?,
         &det_opts,
         boards,
-        Some(spec),
+        Some(spec.clone()),
     )?;
 
-    let good_scores = raw_scores(&detector.model, &held_out)?;
-    let defect_scores = raw_scores(&detector.model, &defects)?;
+    let good_scores = raw_scores(&detector.model, &spec, &held_out)?;
+    let defect_scores = raw_scores(&detector.model, &spec, &defects)?;
     let (threshold, method) = if defect_scores.is_empty() {
         let t = percentile(&good_scores, opts.percentile);
         (
