@@ -61,14 +61,16 @@ def main():
             art = os.path.join(tmp, name + ".neo")
             subprocess.run([neoc, "compile", onnx_path, "-t", "x86_64", "-o", art, *flags], check=True,
                            stderr=subprocess.DEVNULL)
-            neo = json.loads(subprocess.run([neo_run, "bench", art, "--image", image, "--runs", str(a.runs)],
+            neo = json.loads(subprocess.run([neo_run, "bench", art, "--image", image, "--runs", str(a.runs), "--threads", "1"],
                                             check=True, capture_output=True, text=True).stdout)
+            neo_mt = json.loads(subprocess.run([neo_run, "bench", art, "--image", image, "--runs", str(a.runs)],
+                                               check=True, capture_output=True, text=True).stdout)
             base = json.loads(subprocess.run([neoc, "baseline", onnx_path, "--runs", str(a.runs)],
                                              check=True, capture_output=True, text=True).stdout)
             d = os.path.join(tmp, "dump")
             subprocess.run([neo_run, "dump", art, image, "-o", d], check=True)
             x = np.load(os.path.join(d, "input.npy"))
-            r = {"model": name, "neo": neo, "tract_onnx": base,
+            r = {"model": name, "neo": neo, "neo_board_threads": neo_mt, "tract_onnx": base,
                  "onnxruntime_1_thread": ort_bench(onnx_path, x, a.runs, 1),
                  "onnxruntime_default_threads": ort_bench(onnx_path, x, a.runs, 0)}
             results.append(r)
@@ -79,6 +81,8 @@ def main():
     for r in results:
         n = r["neo"]
         print(f"| {r['model']} | neo artifact (tract NNEF, 1 thread) | {n['load_ms']['p50']:.1f} | {n['inference_ms']['p50']:.2f} | {n['inference_ms']['p99']:.2f} | {n['preprocess_ms']['p50']:.2f} |")
+        n = r["neo_board_threads"]
+        print(f"| {r['model']} | neo artifact (board threads: {n['threads']}) | {n['load_ms']['p50']:.1f} | {n['inference_ms']['p50']:.2f} | {n['inference_ms']['p99']:.2f} | {n['preprocess_ms']['p50']:.2f} |")
         b = r["tract_onnx"]
         print(f"| {r['model']} | tract-onnx from .onnx (1 thread) | {b['load_ms']['p50']:.1f} | {b['inference_ms']['p50']:.2f} | {b['inference_ms']['p99']:.2f} | |")
         for key, label in [("onnxruntime_1_thread", "onnxruntime, 1 thread"), ("onnxruntime_default_threads", "onnxruntime, default threads")]:

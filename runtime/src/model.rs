@@ -48,6 +48,7 @@ pub struct Timings {
 pub struct Model {
     manifest: Manifest,
     plan: Arc<TypedSimplePlan>,
+    threads: usize,
     load_time: Duration,
 }
 
@@ -56,11 +57,17 @@ fn model_err(context: &str) -> impl Fn(TractError) -> RuntimeError + '_ {
 }
 
 impl Model {
-    /// Reads, verifies and prepares an artifact file.
+    /// Reads, verifies and prepares an artifact file, with the board profile's threads (at
+    /// most this machine's cores).
     pub fn load(path: &Path) -> Result<Model> {
+        Self::load_with_threads(path, None)
+    }
+
+    /// Like [`Model::load`], with an explicit thread count (`None`: the board's).
+    pub fn load_with_threads(path: &Path, threads: Option<usize>) -> Result<Model> {
         let start = Instant::now();
         let artifact = Artifact::open(path)?;
-        let mut model = Self::from_artifact(&artifact)?;
+        let mut model = Self::from_artifact_with_threads(&artifact, threads)?;
         model.load_time = start.elapsed();
         Ok(model)
     }
@@ -68,6 +75,21 @@ impl Model {
     /// Prepares a verified artifact: loads the NNEF graph, checks it against the manifest and
     /// optimizes it for this CPU.
     pub fn from_artifact(artifact: &Artifact) -> Result<Model> {
+        Self::from_artifact_with_threads(artifact, None)
+    }
+
+    /// Threads inference will use: asked for, else the board profile's, never more than this
+    /// machine's cores, at least one.
+    pub fn threads_for(manifest: &Manifest, asked: Option<usize>) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        asked.unwrap_or(manifest.target.threads).clamp(1, cores)
+    }
+
+    /// Like [`Model::from_artifact`], with an explicit thread count (`None`: the board's).
+    pub fn from_artifact_with_threads(
+        artifact: &Artifact,
+        threads: Option<usize>,
+    ) -> Result<Model> {
         let start = Instant::now();
         let manifest = artifact.manifest.clone();
         let nnef_bytes = artifact
@@ -78,20 +100,33 @@ impl Model {
             .model_for_read(&mut Cursor::new(nnef_bytes))
             .map_err(model_err("loading the NNEF graph"))?;
         check_against_manifest(&typed, &manifest)?;
+        let threads = Self::threads_for(&manifest, threads);
+        let options = RunOptions {
+            executor: (threads > 1).then(|| {
+                tract_linalg::multithread::Executor::multithread_with_name(threads, "neo-infer")
+            }),
+            ..Default::default()
+        };
         let plan = typed
             .into_optimized()
             .map_err(model_err("optimizing the graph"))?
-            .into_runnable()
+            .into_runnable_with_options(&options)
             .map_err(model_err("planning the graph"))?;
         Ok(Model {
             manifest,
             plan,
+            threads,
             load_time: start.elapsed(),
         })
     }
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// Threads inference runs on.
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// Time `load`/`from_artifact` took (verify + parse + optimize).

@@ -36,6 +36,9 @@ enum Command {
         /// drawn over it to DIR/<name>.overlay.png.
         #[arg(long, value_name = "DIR")]
         overlay: Option<PathBuf>,
+        /// Inference threads [default: the board profile's, at most this machine's cores].
+        #[arg(long)]
+        threads: Option<usize>,
         /// How many classes to print per image.
         #[arg(long, default_value_t = 5)]
         top_k: usize,
@@ -69,6 +72,9 @@ enum Command {
         /// How many times to time the model load.
         #[arg(long, default_value_t = 3)]
         loads: usize,
+        /// Inference threads [default: the board profile's, at most this machine's cores].
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
@@ -104,6 +110,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn bench(
+    threads: Option<usize>,
     model_path: &Path,
     image: &Path,
     runs: usize,
@@ -113,7 +120,7 @@ fn bench(
     let mut load_ms = Vec::new();
     let mut model = None;
     for _ in 0..loads.max(1) {
-        let m = Model::load(model_path)?;
+        let m = Model::load_with_threads(model_path, threads)?;
         load_ms.push(m.load_time().as_secs_f64() * 1e3);
         model = Some(m);
     }
@@ -138,6 +145,7 @@ fn bench(
         "artifact": model_path.display().to_string(),
         "image": image.display().to_string(),
         "runs": runs.max(1),
+        "threads": model.threads(),
         "load_ms": stats(&load_ms),
         "preprocess_ms": stats(&pre),
         "inference_ms": stats(&inf),
@@ -296,8 +304,9 @@ fn run(cli: Cli) -> Result<bool> {
             runs,
             warmup,
             loads,
+            threads,
         } => {
-            println!("{}", bench(&model, &image, runs, warmup, loads)?);
+            println!("{}", bench(threads, &model, &image, runs, warmup, loads)?);
             Ok(true)
         }
         Command::Classify {
@@ -306,18 +315,21 @@ fn run(cli: Cli) -> Result<bool> {
             top_k,
             format,
             overlay,
+            threads,
         } => {
             let images = collect_images(&images)?;
             if let Some(dir) = &overlay {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("cannot create {}", dir.display()))?;
             }
-            let model = Model::load(&model)?;
+            let model = Model::load_with_threads(&model, threads)?;
             eprintln!(
-                "loaded {} ({} on {}) in {:.1} ms",
+                "loaded {} ({} on {}, {} thread{}) in {:.1} ms",
                 model.manifest().name,
                 model.manifest().target.precision,
                 model.manifest().target.board,
+                model.threads(),
+                if model.threads() == 1 { "" } else { "s" },
                 model.load_time().as_secs_f64() * 1e3
             );
             let mut all_ok = true;
