@@ -1,13 +1,12 @@
 //! `neoc baseline`: plain tract-onnx on the source model (parse ONNX, optimize, run), the way
 //! an application would use tract without neo. Benchmarks compare the artifact path against it.
 
-use crate::compile::resolve_shape;
+use crate::compile::fix_input;
 use crate::error::{tract, Result};
 use crate::import;
 use std::path::Path;
 use std::time::Instant;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_hir::infer::Factoid;
 
 /// Timings of the plain tract-onnx path, in milliseconds.
 #[derive(Debug, serde::Serialize)]
@@ -33,18 +32,8 @@ pub fn baseline(
     for _ in 0..loads.max(1) {
         let start = Instant::now();
         let mut imported = import::import(model)?.model;
-        let name = imported.node(imported.inputs[0].node).name.clone();
-        let dims = import::input_dims(&imported, 0)?;
-        shape = resolve_shape(&name, &dims, input_shape.clone(), &mut vec![])?;
-        let dt = imported
-            .input_fact(0)
-            .map_err(tract("read the input type"))?
-            .datum_type
-            .concretize()
-            .unwrap_or(f32::datum_type());
-        imported
-            .set_input_fact(0, InferenceFact::dt_shape(dt, shape.clone()))
-            .map_err(tract("set the input shape"))?;
+        let (_, fixed, dt) = fix_input(&mut imported, input_shape.clone(), &mut vec![])?;
+        shape = fixed;
         let p = imported
             .into_optimized()
             .map_err(tract("optimize the graph"))?

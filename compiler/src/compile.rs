@@ -120,20 +120,9 @@ pub fn compile_imported(
             model.inputs.len()
         )));
     }
-    let input_name = model.node(model.inputs[0].node).name.clone();
-    let dims = import::input_dims(&model, 0)?;
     let given = opts.input_shape.clone().or(card.input.shape.clone());
-    let shape = resolve_shape(&input_name, &dims, given, &mut notes)?;
-    let dt = model
-        .input_fact(0)
-        .map_err(tract("read the input type"))?
-        .datum_type
-        .concretize()
-        .unwrap_or(f32::datum_type());
+    let (input_name, shape, dt) = fix_input(&mut model, given, &mut notes)?;
     let dtype = dtype_of(dt)?;
-    model
-        .set_input_fact(0, InferenceFact::dt_shape(dt, shape.clone()))
-        .map_err(tract("set the input shape"))?;
 
     let typed = model
         .into_typed()
@@ -300,6 +289,28 @@ fn target_info(board: &BoardProfile) -> TargetInfo {
         threads: board.threads,
         memory_budget_mb: board.memory_budget_mb,
     }
+}
+
+/// Fixes the model's first input to a concrete shape (see [`resolve_shape`]), keeping its
+/// element type; returns the input's name, shape and type.
+pub(crate) fn fix_input(
+    model: &mut InferenceModel,
+    given: Option<Vec<usize>>,
+    notes: &mut Vec<String>,
+) -> Result<(String, Vec<usize>, DatumType)> {
+    let name = model.node(model.inputs[0].node).name.clone();
+    let dims = import::input_dims(model, 0)?;
+    let shape = resolve_shape(&name, &dims, given, notes)?;
+    let dt = model
+        .input_fact(0)
+        .map_err(tract("read the input type"))?
+        .datum_type
+        .concretize()
+        .unwrap_or(f32::datum_type());
+    model
+        .set_input_fact(0, InferenceFact::dt_shape(dt, shape.clone()))
+        .map_err(tract("set the input shape"))?;
+    Ok((name, shape, dt))
 }
 
 pub(crate) fn resolve_shape(

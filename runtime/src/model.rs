@@ -124,6 +124,18 @@ impl Model {
         &self.manifest
     }
 
+    /// Where the model input lies in an image of `width` x `height`, as fractions
+    /// (x0, y0, x1, y1): the whole image unless the preprocessing crops.
+    pub fn input_window(&self, width: u32, height: u32) -> (f32, f32, f32, f32) {
+        self.manifest
+            .inputs
+            .first()
+            .and_then(|i| i.preprocess.as_ref())
+            .map_or((0.0, 0.0, 1.0, 1.0), |p| {
+                anomaly::input_window(p, width, height)
+            })
+    }
+
     /// Threads inference runs on.
     pub fn threads(&self) -> usize {
         self.threads

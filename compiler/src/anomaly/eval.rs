@@ -2,7 +2,6 @@
 
 use super::dataset::Dataset;
 use crate::error::{CompileError, Result};
-use neo_runtime::anomaly::input_window;
 use neo_runtime::anomaly::Verdict;
 use neo_runtime::{preprocess, Model};
 use serde::Serialize;
@@ -104,11 +103,6 @@ pub fn eval_anomaly(
     }
     let samples = Dataset::open(dataset, train_good)?.test;
     let with_masks = samples.iter().any(|s| s.defective && s.mask.is_some());
-    let pre = model
-        .manifest()
-        .inputs
-        .first()
-        .and_then(|i| i.preprocess.clone());
     let (mut pixel_scores, mut pixel_labels) = (Vec::new(), Vec::new());
     let mut scores = Vec::new();
     let mut latencies = Vec::new();
@@ -125,9 +119,7 @@ pub fn eval_anomaly(
         scores.push(result.score);
         if with_masks && (s.mask.is_some() || !s.defective) {
             let (w, h) = (img.width(), img.height());
-            let window = pre
-                .as_ref()
-                .map_or((0.0, 0.0, 1.0, 1.0), |p| input_window(p, w, h));
+            let window = model.input_window(w, h);
             pixel_scores.extend(result.map.to_pixels(window, w, h));
             match &s.mask {
                 Some(m) => {

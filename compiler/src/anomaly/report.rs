@@ -163,14 +163,7 @@ fn overlay_png(model: &Model, file: &str) -> Result<String> {
             "the detector gave no anomaly map".into(),
         ));
     };
-    let window = model
-        .manifest()
-        .inputs
-        .first()
-        .and_then(|i| i.preprocess.as_ref())
-        .map_or((0.0, 0.0, 1.0, 1.0), |p| {
-            anomaly::input_window(p, img.width(), img.height())
-        });
+    let window = model.input_window(img.width(), img.height());
     let mut png = Vec::new();
     anomaly::overlay(&img, result, window)
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)

@@ -3,7 +3,7 @@
 use super::coreset::greedy_k_center;
 use super::head::{self, LayerShape, ANOMALY_MAP};
 use crate::card::Card;
-use crate::compile::{compile_imported, resolve_shape, CompileOptions};
+use crate::compile::{compile_imported, fix_input, CompileOptions};
 use crate::error::{tract, CompileError, Result};
 use crate::import;
 use neo_boards::Boards;
@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_hir::infer::Factoid;
 
 /// Fewest good images a detector is trained from.
 pub const MIN_GOOD_IMAGES: usize = 10;
@@ -109,18 +108,7 @@ fn layer_shapes(
     model
         .select_outputs_by_name(layers)
         .map_err(tract("select the layers"))?;
-    let name = model.node(model.inputs[0].node).name.clone();
-    let dims = import::input_dims(&model, 0)?;
-    let shape = resolve_shape(&name, &dims, given, &mut vec![])?;
-    let dt = model
-        .input_fact(0)
-        .map_err(tract("read the input"))?
-        .datum_type
-        .concretize()
-        .unwrap_or(f32::datum_type());
-    model
-        .set_input_fact(0, InferenceFact::dt_shape(dt, shape))
-        .map_err(tract("set the input shape"))?;
+    fix_input(&mut model, given, &mut vec![])?;
     let typed = model
         .into_typed()
         .map_err(tract("infer the layers' shapes"))?;

@@ -236,14 +236,7 @@ fn classify_one(
     if let (Some(dir), Some(result)) =
         (overlay, predictions.iter().find_map(|p| p.anomaly.as_ref()))
     {
-        let window = model
-            .manifest()
-            .inputs
-            .first()
-            .and_then(|i| i.preprocess.as_ref())
-            .map_or((0.0, 0.0, 1.0, 1.0), |p| {
-                anomaly::input_window(p, image.width(), image.height())
-            });
+        let window = model.input_window(image.width(), image.height());
         let stem = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
