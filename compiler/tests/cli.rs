@@ -391,6 +391,42 @@ fn anomaly_detector_trains_from_good_images_and_flags_defects() {
         good_result.score < broken.score,
         "{good_result:?} vs {broken:?}"
     );
+
+    // With defective examples the threshold is the best-F1 one, and it separates them.
+    let defects = dir.path().join("defects");
+    std::fs::create_dir(&defects).unwrap();
+    for f in [
+        "bottle_broken_large_000.png",
+        "bottle_broken_small_001.png",
+        "bottle_contamination_000.png",
+    ] {
+        std::fs::copy(repo().join("models/samples").join(f), defects.join(f)).unwrap();
+    }
+    let out2 = dir.path().join("detector-f1.neo");
+    let (code, _, stderr) = neoc(&[
+        "train",
+        "anomaly",
+        "--backbone",
+        path_str(&backbone),
+        "--layers",
+        "stage3,stage4",
+        "--normal",
+        path_str(&good),
+        "--defects",
+        path_str(&defects),
+        "-o",
+        path_str(&out2),
+        "--coreset-ratio",
+        "0.1",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let m = Model::load(&out2).unwrap();
+    let a = m.manifest().anomaly.clone().unwrap();
+    assert!(
+        a.threshold_method.starts_with("best F1 (1.000)"),
+        "{}",
+        a.threshold_method
+    );
 }
 
 #[test]
