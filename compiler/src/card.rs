@@ -39,6 +39,8 @@ pub struct CardPreprocess {
     pub scale: Option<f32>,
     pub mean: Option<Vec<f32>>,
     pub std: Option<Vec<f32>>,
+    /// Per-image standardization before mean/std (see the manifest's `standardize`).
+    pub standardize: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

@@ -31,6 +31,8 @@ pub struct CompileOptions {
     pub scale: Option<f32>,
     pub mean: Option<Vec<f32>>,
     pub std: Option<Vec<f32>>,
+    /// Per-image standardization (ORed with the card's).
+    pub standardize: bool,
     pub outputs: Vec<String>,
     pub task: Option<Task>,
     pub scores: Option<Scores>,
@@ -493,6 +495,7 @@ fn input_spec(
             scale,
             mean,
             std,
+            standardize: opts.standardize || pre.standardize.unwrap_or(false),
         }),
     })
 }

@@ -97,6 +97,10 @@ struct InputArgs {
     /// Per-channel divisor after the mean, e.g. 0.229,0.224,0.225.
     #[arg(long)]
     std: Option<String>,
+    /// Standardize each image first (channels to mean 128, std 48): exposure and lighting
+    /// changes between frames stop looking like defects.
+    #[arg(long)]
+    standardize: bool,
 }
 
 #[derive(Args)]
@@ -278,6 +282,7 @@ fn options(
             .as_deref()
             .map(|m| parse_floats("--mean", m))
             .transpose()?,
+        standardize: a.standardize,
         std: a
             .std
             .as_deref()

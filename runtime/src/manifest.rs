@@ -126,7 +126,7 @@ impl InputSpec {
 }
 
 /// Image preprocessing, applied in this order: decode → channel order → resize → center crop →
-/// `(pixel * scale - mean[c]) / std[c]` → layout.
+/// optional per-image standardization → `(pixel * scale - mean[c]) / std[c]` → layout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Preprocess {
     pub resize: Resize,
@@ -138,6 +138,11 @@ pub struct Preprocess {
     pub scale: f32,
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
+    /// Before `scale`/`mean`/`std`: shift and stretch each image's channels to mean 128 and
+    /// standard deviation 48 (pixel units), so lighting and exposure changes between frames
+    /// do not look like defects.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standardize: bool,
 }
 
 /// How the decoded image is resized.

@@ -94,6 +94,32 @@ fn geometry(p: &Preprocess, img: &DynamicImage, want_w: u32, want_h: u32) -> Res
     Ok(out)
 }
 
+/// Mean and standard deviation of each channel, in the model's channel order.
+fn channel_stats(img: &DynamicImage, order: ChannelOrder) -> Vec<(f32, f32)> {
+    let stats = |values: &mut dyn Iterator<Item = u8>| {
+        let (mut n, mut sum, mut sq) = (0f64, 0f64, 0f64);
+        for v in values {
+            let v = v as f64;
+            n += 1.0;
+            sum += v;
+            sq += v * v;
+        }
+        let mean = sum / n.max(1.0);
+        ((mean) as f32, ((sq / n.max(1.0) - mean * mean).max(0.0).sqrt()) as f32)
+    };
+    match order {
+        ChannelOrder::Gray => vec![stats(&mut img.to_luma8().pixels().map(|p| p.0[0]))],
+        order => {
+            let rgb = img.to_rgb8();
+            let mut per: Vec<(f32, f32)> = (0..3).map(|c| stats(&mut rgb.pixels().map(|p| p.0[c]))).collect();
+            if order == ChannelOrder::Bgr {
+                per.swap(0, 2);
+            }
+            per
+        }
+    }
+}
+
 /// Turns a decoded image of any size or color type into the f32 input tensor's values
 /// (batch 1), in the layout of `spec`.
 pub fn image_to_input(spec: &InputSpec, img: &DynamicImage) -> Result<Vec<f32>> {
@@ -125,8 +151,16 @@ pub fn image_to_input(spec: &InputSpec, img: &DynamicImage) -> Result<Vec<f32>> 
     }
     let img = geometry(p, img, w as u32, h as u32)?;
     // Per-channel affine map: (v * scale - mean) / std == v * a + b.
-    let a: Vec<f32> = p.std.iter().map(|s| p.scale / s).collect();
-    let b: Vec<f32> = p.mean.iter().zip(&p.std).map(|(m, s)| -m / s).collect();
+    let mut a: Vec<f32> = p.std.iter().map(|s| p.scale / s).collect();
+    let mut b: Vec<f32> = p.mean.iter().zip(&p.std).map(|(m, s)| -m / s).collect();
+    if p.standardize {
+        // v' = (v - mu) / sigma * 48 + 128, folded into the same affine map.
+        for (ch, (mu, sigma)) in channel_stats(&img, p.channels).into_iter().enumerate() {
+            let k = 48.0 / sigma.max(1.0);
+            b[ch] += a[ch] * (128.0 - mu * k);
+            a[ch] *= k;
+        }
+    }
     let plane = h * w;
     let mut out = vec![0f32; c * plane];
     let mut put = |pixel: usize, ch: usize, v: u8| {
@@ -181,6 +215,7 @@ mod tests {
                 scale: 1.0,
                 mean: vec![10.0; c],
                 std: vec![2.0; c],
+                standardize: false,
             }),
         }
     }
@@ -243,6 +278,25 @@ mod tests {
         }
         let err = image_to_input(&s2, &big).unwrap_err().to_string();
         assert!(err.contains("smaller than the 2x2 crop"), "{err}");
+    }
+
+    #[test]
+    fn standardize_removes_exposure_differences() {
+        let mut s = spec(Layout::Nchw, ChannelOrder::Gray, vec![1, 1, 2, 2]);
+        if let Some(p) = s.preprocess.as_mut() {
+            p.resize = Resize::Exact { width: 2, height: 2 };
+            p.crop = None;
+            p.mean = vec![128.0];
+            p.std = vec![48.0];
+            p.standardize = true;
+        }
+        let dark = GrayImage::from_raw(2, 2, vec![10, 20, 10, 20]).map(DynamicImage::ImageLuma8).unwrap();
+        let bright = GrayImage::from_raw(2, 2, vec![200, 240, 200, 240]).map(DynamicImage::ImageLuma8).unwrap();
+        let (d, b) = (image_to_input(&s, &dark).unwrap(), image_to_input(&s, &bright).unwrap());
+        for (x, y) in d.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "{d:?} vs {b:?}");
+        }
+        assert!((d[0] + 1.0).abs() < 1e-5 && (d[1] - 1.0).abs() < 1e-5, "{d:?}");
     }
 
     #[test]

@@ -63,6 +63,7 @@ fn manifest(channels: ChannelOrder) -> Manifest {
                 scale: 1.0 / 255.0,
                 mean: vec![0.0; 3],
                 std: vec![1.0; 3],
+                standardize: false,
             }),
         }],
         outputs: vec![OutputSpec {
