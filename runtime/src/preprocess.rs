@@ -105,13 +105,18 @@ fn channel_stats(img: &DynamicImage, order: ChannelOrder) -> Vec<(f32, f32)> {
             sq += v * v;
         }
         let mean = sum / n.max(1.0);
-        ((mean) as f32, ((sq / n.max(1.0) - mean * mean).max(0.0).sqrt()) as f32)
+        (
+            (mean) as f32,
+            ((sq / n.max(1.0) - mean * mean).max(0.0).sqrt()) as f32,
+        )
     };
     match order {
         ChannelOrder::Gray => vec![stats(&mut img.to_luma8().pixels().map(|p| p.0[0]))],
         order => {
             let rgb = img.to_rgb8();
-            let mut per: Vec<(f32, f32)> = (0..3).map(|c| stats(&mut rgb.pixels().map(|p| p.0[c]))).collect();
+            let mut per: Vec<(f32, f32)> = (0..3)
+                .map(|c| stats(&mut rgb.pixels().map(|p| p.0[c])))
+                .collect();
             if order == ChannelOrder::Bgr {
                 per.swap(0, 2);
             }
@@ -284,19 +289,32 @@ mod tests {
     fn standardize_removes_exposure_differences() {
         let mut s = spec(Layout::Nchw, ChannelOrder::Gray, vec![1, 1, 2, 2]);
         if let Some(p) = s.preprocess.as_mut() {
-            p.resize = Resize::Exact { width: 2, height: 2 };
+            p.resize = Resize::Exact {
+                width: 2,
+                height: 2,
+            };
             p.crop = None;
             p.mean = vec![128.0];
             p.std = vec![48.0];
             p.standardize = true;
         }
-        let dark = GrayImage::from_raw(2, 2, vec![10, 20, 10, 20]).map(DynamicImage::ImageLuma8).unwrap();
-        let bright = GrayImage::from_raw(2, 2, vec![200, 240, 200, 240]).map(DynamicImage::ImageLuma8).unwrap();
-        let (d, b) = (image_to_input(&s, &dark).unwrap(), image_to_input(&s, &bright).unwrap());
+        let dark = GrayImage::from_raw(2, 2, vec![10, 20, 10, 20])
+            .map(DynamicImage::ImageLuma8)
+            .unwrap();
+        let bright = GrayImage::from_raw(2, 2, vec![200, 240, 200, 240])
+            .map(DynamicImage::ImageLuma8)
+            .unwrap();
+        let (d, b) = (
+            image_to_input(&s, &dark).unwrap(),
+            image_to_input(&s, &bright).unwrap(),
+        );
         for (x, y) in d.iter().zip(&b) {
             assert!((x - y).abs() < 1e-5, "{d:?} vs {b:?}");
         }
-        assert!((d[0] + 1.0).abs() < 1e-5 && (d[1] - 1.0).abs() < 1e-5, "{d:?}");
+        assert!(
+            (d[0] + 1.0).abs() < 1e-5 && (d[1] - 1.0).abs() < 1e-5,
+            "{d:?}"
+        );
     }
 
     #[test]
