@@ -2,7 +2,7 @@
 //! an application would use tract without neo. Benchmarks compare the artifact path against it.
 
 use crate::compile::fix_input;
-use crate::error::{tract, Result};
+use crate::error::{tract, CompileError, Result};
 use crate::import;
 use std::path::Path;
 use std::time::Instant;
@@ -42,9 +42,8 @@ pub fn baseline(
         load_ms.push(start.elapsed().as_secs_f64() * 1e3);
         plan = Some((p, dt));
     }
-    let Some((plan, dt)) = plan else {
-        unreachable!("loads >= 1")
-    };
+    let (plan, dt) =
+        plan.ok_or_else(|| CompileError::Options("--loads must be at least 1".into()))?;
     let count: usize = shape.iter().product();
     let values: Vec<f32> = (0..count)
         .map(|i| ((i * 7919) % 255) as f32 / 255.0)

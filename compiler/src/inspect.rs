@@ -76,7 +76,7 @@ impl Inspection {
             m.compiler.version,
             m.compiler.tract_version,
             m.source.file,
-            &m.source.sha256[..m.source.sha256.len().min(12)],
+            m.source.sha256.chars().take(12).collect::<String>(),
             mib(m.source.bytes)
         );
         let _ = writeln!(
