@@ -484,3 +484,74 @@ fn anomaly_training_refuses_bad_input_clearly() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn train_and_eval_on_an_mvtec_layout_with_an_html_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("bottle");
+    let train_good = good_folder(dir.path());
+    std::fs::create_dir_all(ds.join("train")).unwrap();
+    std::fs::rename(&train_good, ds.join("train/good")).unwrap();
+    for (kind, files) in [
+        ("good", &["bottle_good_000.png", "bottle_good_003.png"][..]),
+        (
+            "broken",
+            &[
+                "bottle_broken_large_000.png",
+                "bottle_broken_small_001.png",
+                "bottle_contamination_000.png",
+            ][..],
+        ),
+    ] {
+        let d = ds.join("test").join(kind);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in files {
+            std::fs::copy(repo().join("models/samples").join(f), d.join(f)).unwrap();
+        }
+    }
+    let backbone = repo().join("models/bottle-classifier/model.onnx");
+    let det = dir.path().join("det.neo");
+    let (code, _, stderr) = neoc(&[
+        "train",
+        "anomaly",
+        "--backbone",
+        path_str(&backbone),
+        "--layers",
+        "stage3,stage4",
+        "--dataset",
+        path_str(&ds),
+        "-o",
+        path_str(&det),
+        "--coreset-ratio",
+        "0.1",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let html = dir.path().join("report.html");
+    let (code, stdout, stderr) = neoc(&[
+        "eval",
+        path_str(&det),
+        "--dataset",
+        path_str(&ds),
+        "--html",
+        path_str(&html),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["images"], 5);
+    assert_eq!(report["defective"], 3);
+    let auroc = report["image_auroc"].as_f64().unwrap();
+    assert!(
+        auroc > 0.5,
+        "defects score above good ones more often than not: {auroc}"
+    );
+    assert!(report["pixel_auroc"].is_null(), "no masks in this layout");
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        page.contains("<svg") && page.contains("ROC (image AUROC"),
+        "plots inline"
+    );
+    assert!(
+        page.matches("data:image/png;base64,").count() >= 4,
+        "worst misses with overlays"
+    );
+}
