@@ -117,6 +117,24 @@ impl Inspection {
             }
             let _ = writeln!(s);
         }
+        if let Some(a) = &m.anomaly {
+            let _ = writeln!(
+                s,
+                "  anomaly       map '{}' from {:?} ({} values per patch, {}x{} average), bank {} rows from {} good images",
+                a.map_output, a.layers, a.feature_dim, a.aggregation, a.aggregation, a.memory_rows, a.training_images
+            );
+            let _ = writeln!(
+                s,
+                "    threshold   {} ({}){}",
+                a.threshold,
+                a.threshold_method,
+                if a.score_border > 0 {
+                    format!(", {} border cells left out", a.score_border)
+                } else {
+                    String::new()
+                }
+            );
+        }
         let _ = writeln!(
             s,
             "  size          artifact {}, parameters {} ({})",
