@@ -1,0 +1,327 @@
+//! `neo-gateway`: the device daemon's MQTT side as a command-line tool.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use ed25519_dalek::{Signer, SigningKey};
+use neo_gateway::{Class, Gateway, GatewayConfig, ReceivedEnvelope};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use sha2::{Digest, Sha256};
+
+#[derive(Parser)]
+#[command(
+    name = "neo-gateway",
+    version,
+    about = "neo device gateway: MQTT, spool, commands"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct Conn {
+    /// Broker as HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    broker: String,
+    /// Gateway config (TOML with [mqtt] and [spool]); overrides --broker/--device/--spool.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, default_value = "gw1")]
+    device: String,
+    /// Spool folder.
+    #[arg(long, default_value = "spool")]
+    spool: PathBuf,
+    /// Spool budget, MiB.
+    #[arg(long)]
+    spool_mb: Option<f64>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Publish synthetic inspection results until the stream holds COUNT, resuming after a
+    /// crash where the spool left off, then wait until the broker has them all.
+    Loadgen {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        /// Results per second (0: as fast as the spool takes them).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// Seconds to wait for delivery at the end.
+        #[arg(long, default_value_t = 120.0)]
+        wait: f64,
+    },
+    /// Throughput and publish-to-receive latency against a broker (QoS 1, through the spool).
+    Bench {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value_t = 50_000)]
+        count: u64,
+    },
+    /// Print telemetry (JSON) of a spool without connecting.
+    Spool {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Make an ed25519 key pair for signing model deployments.
+    Keygen {
+        /// Where to write the secret key (hex); the public key is printed.
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Sign an artifact for deployment: prints size, sha256 and signature as JSON.
+    Sign {
+        #[arg(long)]
+        key: PathBuf,
+        artifact: PathBuf,
+    },
+}
+
+fn config_of(conn: &Conn) -> Result<GatewayConfig> {
+    if let Some(path) = &conn.config {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        return GatewayConfig::from_toml(&text).with_context(|| format!("in {}", path.display()));
+    }
+    let (host, port) = conn
+        .broker
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+        .with_context(|| format!("--broker {:?}: expected HOST:PORT", conn.broker))?;
+    let mut config = GatewayConfig::local(&host, port, &conn.device, conn.spool.clone());
+    if let Some(mb) = conn.spool_mb {
+        config.spool.max_mb = mb;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn real_main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Loadgen {
+            conn,
+            count,
+            rate,
+            wait,
+        } => loadgen(&conn, count, rate, wait),
+        Cmd::Bench { conn, count } => bench(&conn, count),
+        Cmd::Spool { conn } => {
+            let config = config_of(&conn)?;
+            let (gateway, _link, _commands) = Gateway::start(config)?;
+            println!("{}", serde_json::to_string_pretty(&gateway.telemetry())?);
+            Ok(())
+        }
+        Cmd::Keygen { out } => {
+            let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+            write_secret(&out, &hex::encode(key.to_bytes()))?;
+            println!("{}", hex::encode(key.verifying_key().to_bytes()));
+            eprintln!(
+                "secret key written to {}; put the public key above in [commands] trusted_keys",
+                out.display()
+            );
+            Ok(())
+        }
+        Cmd::Sign { key, artifact } => {
+            let text = std::fs::read_to_string(&key)
+                .with_context(|| format!("cannot read {}", key.display()))?;
+            let secret: [u8; 32] = hex::decode(text.trim())
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .with_context(|| format!("{} is not a 64-hex-digit secret key", key.display()))?;
+            let bytes = std::fs::read(&artifact)
+                .with_context(|| format!("cannot read {}", artifact.display()))?;
+            let digest: [u8; 32] = Sha256::digest(&bytes).into();
+            let signature = SigningKey::from_bytes(&secret).sign(&digest);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "size": bytes.len(),
+                    "sha256": hex::encode(digest),
+                    "signature": hex::encode(signature.to_bytes()),
+                })
+            );
+            Ok(())
+        }
+    }
+}
+
+fn write_secret(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut f = options
+        .open(path)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn loadgen(conn: &Conn, count: u64, rate: f64, wait: f64) -> Result<()> {
+    let config = config_of(conn)?;
+    let (gateway, link, _commands) = Gateway::start(config)?;
+    let rt = runtime()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let link_task = rt.spawn(link.run(stop_rx));
+    let start = gateway.spool().next_seqs()[Class::Inspection as usize];
+    if start > 0 {
+        eprintln!("resuming at result {start}");
+    }
+    let t0 = Instant::now();
+    for n in start..count {
+        if rate > 0.0 {
+            let due = t0 + Duration::from_secs_f64((n - start) as f64 / rate);
+            if let Some(d) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+        }
+        gateway.publish(
+            Class::Inspection,
+            serde_json::json!({ "n": n, "verdict": if n % 7 == 0 { "NG" } else { "OK" }, "score": (n % 100) as f64 / 50.0 }),
+        )?;
+    }
+    gateway.flush()?;
+    eprintln!(
+        "{} results spooled in {:.1} s; waiting for the broker",
+        count - start,
+        t0.elapsed().as_secs_f64()
+    );
+    let delivered = gateway.wait_delivered(Duration::from_secs_f64(wait))?;
+    let _ = stop_tx.send(true);
+    let _ = rt.block_on(link_task);
+    println!("{}", serde_json::to_string(&gateway.telemetry())?);
+    if !delivered {
+        bail!(
+            "{} messages still in the spool after {wait} s",
+            gateway.spool().queued()
+        );
+    }
+    Ok(())
+}
+
+/// Publishes COUNT results through the spool and receives them on a second connection.
+fn bench(conn: &Conn, count: u64) -> Result<()> {
+    let config = config_of(conn)?;
+    let topic = config.topics()?.data("inspection");
+    let (host, port) = (config.mqtt.host.clone(), config.mqtt.port);
+    let rt = runtime()?;
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(count as usize)));
+    let seen = Arc::new(Mutex::new(BTreeSet::new()));
+    let (sub_ready_tx, sub_ready_rx) = std::sync::mpsc::channel();
+    {
+        let latencies = latencies.clone();
+        let seen = seen.clone();
+        let topic = topic.clone();
+        rt.spawn(async move {
+            let mut opts = MqttOptions::new("neo-bench-sub", host, port);
+            opts.set_keep_alive(Duration::from_secs(30))
+                .set_max_packet_size(1 << 20, 1 << 20);
+            let (client, mut events) = AsyncClient::new(opts, 64);
+            let mut subscribed = false;
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = client.subscribe(topic.clone(), QoS::AtLeastOnce).await;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) if !subscribed => {
+                        subscribed = true;
+                        let _ = sub_ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let now = neo_gateway::message::now_ms();
+                        if let Ok(env) = serde_json::from_slice::<ReceivedEnvelope>(&p.payload) {
+                            if let Ok(mut l) = latencies.lock() {
+                                l.push(now.saturating_sub(env.ts_ms));
+                            }
+                            if let Ok(mut s) = seen.lock() {
+                                s.insert(env.seq);
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+    }
+    sub_ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("the bench subscriber could not subscribe: is the broker running?")?;
+    let (gateway, link, _commands) = Gateway::start(config)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let link_task = rt.spawn(link.run(stop_rx));
+    let start = gateway.spool().next_seqs()[Class::Inspection as usize];
+    let t0 = Instant::now();
+    for n in 0..count {
+        gateway.publish(
+            Class::Inspection,
+            serde_json::json!({ "n": n, "verdict": "OK", "score": 0.42, "regions": [] }),
+        )?;
+    }
+    let spooled = t0.elapsed();
+    let delivered = gateway.wait_delivered(Duration::from_secs(300))?;
+    let acked = t0.elapsed();
+    // Wait for the subscriber to see the last one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let n = seen.lock().map(|s| s.range(start..).count()).unwrap_or(0) as u64;
+        if n >= count {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let received_all = t0.elapsed();
+    let _ = stop_tx.send(true);
+    let _ = rt.block_on(link_task);
+    let mut lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    lat.sort_unstable();
+    let q = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p) as usize).copied();
+    let received = seen.lock().map(|s| s.range(start..).count()).unwrap_or(0);
+    let s = gateway.stats();
+    let report = serde_json::json!({
+        "count": count,
+        "delivered": delivered,
+        "received": received,
+        "spool_s": spooled.as_secs_f64(),
+        "acked_s": acked.as_secs_f64(),
+        "received_all_s": received_all.as_secs_f64(),
+        "results_per_s": count as f64 / received_all.as_secs_f64(),
+        "latency_ms_p50": q(0.5),
+        "latency_ms_p99": q(0.99),
+        "latency_ms_max": lat.last(),
+        "sent": s.sent.load(Ordering::Relaxed),
+        "acked": s.acked.load(Ordering::Relaxed),
+        "process": neo_gateway::metrics::process_stats(),
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if !delivered || (received as u64) < count {
+        bail!("only {received} of {count} results arrived");
+    }
+    Ok(())
+}

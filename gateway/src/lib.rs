@@ -1,0 +1,292 @@
+//! neo-gateway: the device's link to the plant and the cloud.
+//!
+//! Like rumqttc, it is a handle plus an event loop the caller drives: [`Gateway::start`]
+//! returns a [`Gateway`] (cheap to clone; producers call [`Gateway::publish`]) and a
+//! [`link::Link`] whose `run` future talks MQTT. Every message goes through the on-disk
+//! [`spool::Spool`] first and leaves it only when the broker acknowledged it, so broker
+//! outages, link drops and crashes lose nothing (at-least-once delivery).
+//!
+//! The MQTT contract (topics, envelope, commands) is in `docs/mqtt.md`.
+
+pub mod command;
+pub mod config;
+pub mod deploy;
+pub mod link;
+pub mod message;
+pub mod metrics;
+pub mod spool;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use config::GatewayConfig;
+pub use message::{Class, ReceivedEnvelope, Topics};
+pub use spool::{NewMessage, Spool, StreamStats};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("spool store: {0}")]
+    Store(#[from] redb::Error),
+    #[error(
+        "the spool {} is in use by another process: is another neo-gateway running with the same spool.dir?",
+        .0.display()
+    )]
+    SpoolBusy(PathBuf),
+    #[error("the spool is corrupt: {0}")]
+    Corrupt(String),
+    #[error("cannot encode a message: {0}")]
+    Encode(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("the gateway has stopped: {0}")]
+    Stopped(String),
+    #[error("deployment refused: {0}")]
+    Deploy(String),
+}
+
+pub type Result<T, E = GatewayError> = std::result::Result<T, E>;
+
+/// Counters the link and the spool writer keep; telemetry and `/metrics` read them.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    pub connected: AtomicBool,
+    pub connects: AtomicU64,
+    pub connection_errors: AtomicU64,
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    pub spool_commits: AtomicU64,
+    pub spool_errors: AtomicU64,
+    pub commands_accepted: AtomicU64,
+    pub commands_refused: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl LinkStats {
+    pub fn note_error(&self, e: impl std::fmt::Display) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(e.to_string());
+        }
+    }
+}
+
+enum Op {
+    Append(NewMessage),
+    Flush(mpsc::Sender<Result<(), String>>),
+}
+
+/// What the spool writer thread and the link share.
+pub(crate) struct Shared {
+    pub spool: Spool,
+    pub topics: Topics,
+    pub config: GatewayConfig,
+    pub stats: LinkStats,
+    /// Acknowledged messages waiting to be removed from the spool.
+    pub acked: Mutex<Vec<(Class, u64)>>,
+    /// Wakes the link when new messages are in the spool.
+    pub wake: tokio::sync::Notify,
+    pub started: Instant,
+    pub app_metrics: Mutex<Vec<(String, f64)>>,
+}
+
+/// The producer handle. Clone it into every thread that produces results.
+#[derive(Clone)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+    ops: SyncSender<Op>,
+}
+
+/// How many messages may wait for the spool writer before `publish` blocks.
+const WRITER_QUEUE: usize = 8192;
+/// Longest a removal after PUBACK waits to be committed.
+const ACK_COMMIT_INTERVAL: Duration = Duration::from_millis(20);
+
+impl Gateway {
+    /// Opens the spool, starts its writer thread and prepares the MQTT link. Nothing connects
+    /// until the returned link's `run` is polled; messages published before that wait in the
+    /// spool.
+    pub fn start(config: GatewayConfig) -> Result<(Gateway, link::Link, command::Commands)> {
+        config.validate()?;
+        let topics = config.topics()?;
+        let spool = Spool::open(
+            &config.spool.dir,
+            &config.mqtt.device,
+            config.spool_max_bytes(),
+            config.mqtt.max_packet_bytes,
+        )?;
+        let shared = Arc::new(Shared {
+            spool,
+            topics,
+            config,
+            stats: LinkStats::default(),
+            acked: Mutex::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
+            started: Instant::now(),
+            app_metrics: Mutex::new(Vec::new()),
+        });
+        let (ops, rx) = mpsc::sync_channel(WRITER_QUEUE);
+        let writer_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("neo-spool".into())
+            .spawn(move || writer(writer_shared, rx))
+            .map_err(|e| GatewayError::Io {
+                context: "cannot start the spool writer thread".into(),
+                source: e,
+            })?;
+        let gateway = Gateway { shared, ops };
+        let (link, commands) = link::Link::new(gateway.clone())?;
+        Ok((gateway, link, commands))
+    }
+
+    /// Queues a message for the spool; it is durable after the next group commit (at most a
+    /// few milliseconds; [`Gateway::flush`] waits for it). Blocks while the writer is
+    /// `WRITER_QUEUE` messages behind.
+    pub fn publish(&self, class: Class, data: serde_json::Value) -> Result<()> {
+        self.publish_to(class, class.name().to_string(), data)
+    }
+
+    /// Like [`Gateway::publish`] with a topic leaf of its own (under the device's base topic).
+    pub fn publish_to(&self, class: Class, leaf: String, data: serde_json::Value) -> Result<()> {
+        let msg = NewMessage {
+            class,
+            topic: leaf,
+            data,
+            ts_ms: message::now_ms(),
+        };
+        self.ops
+            .send(Op::Append(msg))
+            .map_err(|_| GatewayError::Stopped("the spool writer has stopped".into()))
+    }
+
+    /// Non-blocking [`Gateway::publish`]: false when the writer queue is full.
+    pub fn try_publish(&self, class: Class, data: serde_json::Value) -> Result<bool> {
+        let msg = NewMessage {
+            class,
+            topic: class.name().to_string(),
+            data,
+            ts_ms: message::now_ms(),
+        };
+        match self.ops.try_send(Op::Append(msg)) {
+            Ok(()) => Ok(true),
+            Err(TrySendError::Full(_)) => Ok(false),
+            Err(TrySendError::Disconnected(_)) => {
+                Err(GatewayError::Stopped("the spool writer has stopped".into()))
+            }
+        }
+    }
+
+    /// Waits until everything published so far is durable in the spool.
+    pub fn flush(&self) -> Result<()> {
+        let (tx, rx) = mpsc::channel();
+        self.ops
+            .send(Op::Flush(tx))
+            .map_err(|_| GatewayError::Stopped("the spool writer has stopped".into()))?;
+        match rx.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(GatewayError::Stopped(format!("spool write failed: {e}"))),
+            Err(_) => Err(GatewayError::Stopped("the spool writer has stopped".into())),
+        }
+    }
+
+    /// Waits until the broker acknowledged everything in the spool, or the timeout passes.
+    /// True when the spool is empty.
+    pub fn wait_delivered(&self, timeout: Duration) -> Result<bool> {
+        self.flush()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.shared.spool.queued() == 0 {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.shared.spool
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.shared.topics
+    }
+
+    pub fn config(&self) -> &GatewayConfig {
+        &self.shared.config
+    }
+
+    pub fn stats(&self) -> &LinkStats {
+        &self.shared.stats
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.shared.started.elapsed()
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+/// The spool writer: group-commits appends (fsync) and removals, then wakes the link.
+fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>) {
+    const BATCH: usize = 1024;
+    let mut done = false;
+    while !done {
+        let mut new = Vec::new();
+        let mut flushes = Vec::new();
+        match rx.recv_timeout(ACK_COMMIT_INTERVAL) {
+            Ok(op) => {
+                let mut next = Some(op);
+                while let Some(op) = next.take() {
+                    match op {
+                        Op::Append(m) => new.push(m),
+                        Op::Flush(tx) => flushes.push(tx),
+                    }
+                    if new.len() < BATCH {
+                        next = rx.try_recv().ok();
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => done = true,
+        }
+        let acked = match shared.acked.lock() {
+            Ok(mut a) => std::mem::take(&mut *a),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        };
+        let result = if new.is_empty() && acked.is_empty() {
+            Ok(Vec::new())
+        } else {
+            shared.spool.commit(new, &acked)
+        };
+        match result {
+            Ok(ids) => {
+                shared.stats.spool_commits.fetch_add(1, Ordering::Relaxed);
+                if !ids.is_empty() {
+                    shared.wake.notify_one();
+                }
+                for f in flushes {
+                    let _ = f.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                shared.stats.spool_errors.fetch_add(1, Ordering::Relaxed);
+                shared.stats.note_error(&e);
+                for f in flushes {
+                    let _ = f.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+}

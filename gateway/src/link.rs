@@ -1,0 +1,410 @@
+//! The MQTT link: sends what the spool holds, removes what the broker acknowledged,
+//! reconnects with backoff and jitter, keeps the retained status, and receives commands.
+//!
+//! The spool is the only retry buffer. The link uses a clean MQTT session, so after a
+//! reconnect rumqttc replays nothing; the link rewinds each stream to its oldest queued
+//! message and sends again. A message whose PUBACK was lost with the connection is sent twice
+//! (the subscriber sees the same `id` and `seq` again); none is lost.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
+    Transport,
+};
+use tokio::sync::watch;
+
+use crate::command::{self, Commands};
+use crate::config::{GatewayConfig, TlsConfig};
+use crate::message::{now_ms, Class, SCHEMA_VERSION};
+use crate::{Gateway, GatewayError, Result, Shared};
+
+/// How long a graceful stop keeps sending what the spool still holds.
+const DRAIN_ON_STOP: Duration = Duration::from_secs(2);
+
+pub struct Link {
+    gateway: Gateway,
+    client: AsyncClient,
+    eventloop: EventLoop,
+    commands: command::Dispatcher,
+}
+
+/// Per-connection bookkeeping.
+struct State {
+    connected: bool,
+    /// Next sequence number to send, per stream; rewound to 0 (the oldest queued) on connect.
+    next: [u64; Class::COUNT],
+    /// Publishes handed to rumqttc that have no packet id yet, in order (`None`: not spooled).
+    unassigned: VecDeque<Option<(Class, u64)>>,
+    inflight: HashMap<u16, (Class, u64)>,
+    attempt: u32,
+    samples: TokenBucket,
+}
+
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u64) -> TokenBucket {
+        TokenBucket {
+            rate: rate as f64,
+            tokens: rate as f64,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes `n` tokens if there are enough (a message larger than a second's worth passes
+    /// once the bucket is full).
+    fn take(&mut self, n: usize) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + (now - self.last).as_secs_f64() * self.rate).min(self.rate);
+        self.last = now;
+        let n = n as f64;
+        if self.tokens >= n.min(self.rate) {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+pub fn mqtt_options(config: &GatewayConfig, status_offline: Vec<u8>) -> Result<MqttOptions> {
+    let m = &config.mqtt;
+    let topics = config.topics()?;
+    let client_id = m
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("neo-{}", m.device));
+    let mut opts = MqttOptions::new(client_id, m.host.clone(), m.port);
+    opts.set_keep_alive(Duration::from_secs(m.keep_alive_s))
+        .set_clean_session(true)
+        .set_inflight(m.inflight)
+        .set_max_packet_size(m.max_packet_bytes, m.max_packet_bytes)
+        .set_last_will(LastWill::new(
+            topics.status(),
+            status_offline,
+            QoS::AtLeastOnce,
+            true,
+        ));
+    if let Some(user) = &m.username {
+        opts.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
+    }
+    if let Some(tls) = &m.tls {
+        opts.set_transport(Transport::tls_with_config(tls_configuration(tls)?));
+    }
+    Ok(opts)
+}
+
+/// A rustls client configuration from PEM files (ring provider).
+pub fn tls_configuration(tls: &TlsConfig) -> Result<TlsConfiguration> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pem_err = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+        GatewayError::Tls(format!("{what} {}: {e}", path.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let cas = CertificateDer::pem_file_iter(&tls.ca)
+        .map_err(|e| pem_err("cannot read the CA file", &tls.ca, &e))?;
+    for ca in cas {
+        let ca = ca.map_err(|e| pem_err("bad certificate in", &tls.ca, &e))?;
+        roots
+            .add(ca)
+            .map_err(|e| pem_err("unusable CA certificate in", &tls.ca, &e))?;
+    }
+    if roots.is_empty() {
+        return Err(GatewayError::Tls(format!(
+            "{} holds no PEM certificate",
+            tls.ca.display()
+        )));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| GatewayError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| pem_err("cannot read the client certificate", cert, &e))?
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| pem_err("bad client certificate", cert, &e))?;
+            let key_der = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| pem_err("cannot read the client key", key, &e))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| GatewayError::Tls(format!("client certificate and key: {e}")))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(TlsConfiguration::Rustls(Arc::new(config)))
+}
+
+fn status_payload(shared: &Shared, state: &str) -> Vec<u8> {
+    let c = &shared.config.mqtt;
+    let mut status = serde_json::json!({
+        "v": SCHEMA_VERSION,
+        "state": state,
+        "device": c.device,
+        "site": c.site,
+        "line": c.line,
+        "ts_ms": now_ms(),
+        "versions": {
+            "neo-gateway": env!("CARGO_PKG_VERSION"),
+            "tract": neo_runtime::TRACT_VERSION,
+            "schema": SCHEMA_VERSION,
+        },
+    });
+    if let Ok(Some(active)) = crate::deploy::Slots::peek(&shared.config.models_dir()) {
+        status["model"] = serde_json::json!({
+            "name": active.name,
+            "sha256": active.sha256,
+            "slot": active.slot,
+        });
+    }
+    serde_json::to_vec(&status).unwrap_or_default()
+}
+
+impl Link {
+    pub(crate) fn new(gateway: Gateway) -> Result<(Link, Commands)> {
+        let shared = gateway.shared().clone();
+        let offline = status_payload(&shared, "offline");
+        let opts = mqtt_options(&shared.config, offline)?;
+        let cap = shared.config.mqtt.inflight as usize * 2 + 16;
+        let (client, eventloop) = AsyncClient::new(opts, cap);
+        let (commands, receiver) = command::Dispatcher::new(gateway.clone());
+        Ok((
+            Link {
+                gateway,
+                client,
+                eventloop,
+                commands,
+            },
+            receiver,
+        ))
+    }
+
+    /// Runs until `shutdown` turns true (or its sender is dropped). Connection errors are not
+    /// returned: the link retries forever and counts them.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+        let shared = self.gateway.shared().clone();
+        let cfg = shared.config.mqtt.clone();
+        let mut st = State {
+            connected: false,
+            next: [0; Class::COUNT],
+            unassigned: VecDeque::new(),
+            inflight: HashMap::new(),
+            attempt: 0,
+            samples: TokenBucket::new(shared.config.samples.max_bytes_per_s),
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stopping: Option<Instant> = None;
+        loop {
+            if st.connected {
+                self.fill(&shared, &mut st, cfg.inflight as usize);
+            }
+            if let Some(since) = stopping {
+                let drained = shared.spool.queued() == 0 && st.inflight.is_empty();
+                if !st.connected || drained || since.elapsed() > DRAIN_ON_STOP {
+                    self.goodbye(&shared, &mut st).await;
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                changed = shutdown.changed(), if stopping.is_none() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        stopping = Some(Instant::now());
+                    }
+                }
+                event = self.eventloop.poll() => match event {
+                    Ok(event) => self.on_event(&shared, &mut st, event),
+                    Err(e) => {
+                        if st.connected {
+                            eprintln!("neo-gateway: connection to {}:{} lost: {e}", cfg.host, cfg.port);
+                        } else if st.attempt == 0 {
+                            eprintln!("neo-gateway: cannot connect to {}:{}: {e} (retrying)", cfg.host, cfg.port);
+                        }
+                        st.connected = false;
+                        shared.stats.connected.store(false, Ordering::Relaxed);
+                        shared.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+                        shared.stats.note_error(&e);
+                        let delay = backoff(cfg.reconnect_min_ms, cfg.reconnect_max_ms, st.attempt);
+                        st.attempt = st.attempt.saturating_add(1);
+                        if stopping.is_some() {
+                            continue;
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            changed = shutdown.changed() => {
+                                if changed.is_err() || *shutdown.borrow() {
+                                    stopping = Some(Instant::now());
+                                }
+                            }
+                        }
+                    }
+                },
+                _ = shared.wake.notified() => {}
+                _ = tick.tick() => {}
+            }
+        }
+    }
+
+    fn on_event(&mut self, shared: &Arc<Shared>, st: &mut State, event: Event) {
+        match event {
+            Event::Incoming(Packet::ConnAck(_)) => {
+                st.connected = true;
+                st.attempt = 0;
+                st.next = [0; Class::COUNT];
+                st.unassigned.clear();
+                st.inflight.clear();
+                shared.stats.connected.store(true, Ordering::Relaxed);
+                shared.stats.connects.fetch_add(1, Ordering::Relaxed);
+                let online = status_payload(shared, "online");
+                if self
+                    .client
+                    .try_publish(shared.topics.status(), QoS::AtLeastOnce, true, online)
+                    .is_ok()
+                {
+                    st.unassigned.push_back(None);
+                }
+                if let Err(e) = self
+                    .client
+                    .try_subscribe(shared.topics.commands(), QoS::AtLeastOnce)
+                {
+                    shared
+                        .stats
+                        .note_error(format!("cannot subscribe to commands: {e}"));
+                }
+            }
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                if let Some(Some(key)) = st.unassigned.pop_front() {
+                    st.inflight.insert(pkid, key);
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(key) = st.inflight.remove(&ack.pkid) {
+                    shared.stats.acked.fetch_add(1, Ordering::Relaxed);
+                    match shared.acked.lock() {
+                        Ok(mut a) => a.push(key),
+                        Err(p) => p.into_inner().push(key),
+                    }
+                }
+            }
+            Event::Incoming(Packet::Publish(p)) => {
+                if let Some(name) = shared.topics.command_name(&p.topic) {
+                    let name = name.to_string();
+                    self.commands.handle(&name, &p.payload);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Hands queued messages to rumqttc until the in-flight window is full.
+    fn fill(&mut self, shared: &Arc<Shared>, st: &mut State, window: usize) {
+        let next_seqs = shared.spool.next_seqs();
+        for class in Class::SEND_ORDER {
+            let room = window.saturating_sub(st.inflight.len() + st.unassigned.len());
+            if room == 0 {
+                return;
+            }
+            if st.next[class as usize] >= next_seqs[class as usize] {
+                continue;
+            }
+            let records = match shared.spool.read(class, st.next[class as usize], room) {
+                Ok(r) => r,
+                Err(e) => {
+                    shared.stats.spool_errors.fetch_add(1, Ordering::Relaxed);
+                    shared.stats.note_error(&e);
+                    return;
+                }
+            };
+            if records.is_empty() {
+                st.next[class as usize] = next_seqs[class as usize];
+            }
+            for r in records {
+                if class == Class::Sample && !st.samples.take(r.payload.len()) {
+                    break;
+                }
+                let topic = shared.topics.data(&r.topic);
+                if self
+                    .client
+                    .try_publish(topic, QoS::AtLeastOnce, false, r.payload)
+                    .is_err()
+                {
+                    return;
+                }
+                shared.stats.sent.fetch_add(1, Ordering::Relaxed);
+                st.unassigned.push_back(Some((r.class, r.seq)));
+                st.next[class as usize] = r.seq + 1;
+            }
+        }
+    }
+
+    /// Publishes the retained offline status and disconnects cleanly.
+    async fn goodbye(&mut self, shared: &Arc<Shared>, st: &mut State) {
+        if !st.connected {
+            return;
+        }
+        let offline = status_payload(shared, "offline");
+        let _ = self
+            .client
+            .try_publish(shared.topics.status(), QoS::AtLeastOnce, true, offline);
+        let _ = self.client.try_disconnect();
+        let deadline = tokio::time::sleep(Duration::from_secs(1));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                ev = self.eventloop.poll() => match ev {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
+        st.connected = false;
+        shared.stats.connected.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Exponential backoff from `min_ms` doubling to `max_ms`, with ±50 % jitter so a fleet of
+/// devices does not reconnect in lockstep after a broker restart.
+pub fn backoff(min_ms: u64, max_ms: u64, attempt: u32) -> Duration {
+    let base = min_ms.saturating_mul(1u64 << attempt.min(20)).min(max_ms);
+    let jitter = rand::random::<f64>() + 0.5; // 0.5 … 1.5
+    Duration::from_millis(((base as f64) * jitter) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        for attempt in 0..30 {
+            let d = backoff(100, 10_000, attempt).as_millis() as u64;
+            let base = (100u64 << attempt.min(20)).min(10_000);
+            assert!(d >= base / 2 && d <= base * 3 / 2, "{attempt}: {d}");
+        }
+        let spread: std::collections::HashSet<u128> = (0..20)
+            .map(|_| backoff(1000, 1000, 0).as_millis())
+            .collect();
+        assert!(spread.len() > 1, "no jitter");
+    }
+
+    #[test]
+    fn sample_bucket_limits_bytes_per_second() {
+        let mut b = TokenBucket::new(1000);
+        assert!(b.take(600));
+        assert!(!b.take(600));
+        b.last -= Duration::from_millis(300);
+        assert!(b.take(600));
+    }
+}

@@ -1,0 +1,368 @@
+//! Telemetry: a periodic `telemetry` message and a local Prometheus endpoint (`/metrics`,
+//! `/healthz`) built from the same numbers — the link's counters, the spool per stream, the
+//! process (CPU, memory), the board (temperature where it has a sensor) and whatever the
+//! application reports with [`Gateway::set_app_metrics`] (frames/s, per-stage latency …).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::message::Class;
+use crate::{Gateway, GatewayError, Result};
+
+impl Gateway {
+    /// Replaces the application's metrics (name → value), e.g. `frames_per_s`,
+    /// `inference_ms_p99`. Names must be Prometheus-safe (`[a-z_][a-z0-9_]*`); others are
+    /// ignored.
+    pub fn set_app_metrics(&self, metrics: Vec<(String, f64)>) {
+        let ok = |n: &str| {
+            !n.is_empty()
+                && n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && !n.starts_with(|c: char| c.is_ascii_digit())
+        };
+        let clean = metrics.into_iter().filter(|(n, _)| ok(n)).collect();
+        match self.shared().app_metrics.lock() {
+            Ok(mut m) => *m = clean,
+            Err(p) => *p.into_inner() = clean,
+        }
+    }
+
+    fn app_metrics(&self) -> Vec<(String, f64)> {
+        match self.shared().app_metrics.lock() {
+            Ok(m) => m.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The telemetry document (what the `telemetry` stream carries).
+    pub fn telemetry(&self) -> Value {
+        let s = self.stats();
+        let spool: Map<String, Value> = self
+            .spool()
+            .stats()
+            .into_iter()
+            .map(|(c, st)| (c.name().to_string(), json!(st)))
+            .collect();
+        let now = crate::message::now_ms();
+        let oldest = self
+            .spool()
+            .stats()
+            .iter()
+            .filter_map(|(_, st)| st.oldest_ts_ms)
+            .min();
+        let app: Map<String, Value> = self
+            .app_metrics()
+            .into_iter()
+            .map(|(k, v)| (k, json!(v)))
+            .collect();
+        let proc = process_stats();
+        json!({
+            "uptime_s": self.uptime().as_secs_f64(),
+            "link": {
+                "connected": s.connected.load(Ordering::Relaxed),
+                "connects": s.connects.load(Ordering::Relaxed),
+                "connection_errors": s.connection_errors.load(Ordering::Relaxed),
+                "sent": s.sent.load(Ordering::Relaxed),
+                "acked": s.acked.load(Ordering::Relaxed),
+                "commands_accepted": s.commands_accepted.load(Ordering::Relaxed),
+                "commands_refused": s.commands_refused.load(Ordering::Relaxed),
+            },
+            "spool": {
+                "bytes": self.spool().total_bytes(),
+                "max_bytes": self.spool().max_bytes(),
+                "oldest_age_s": oldest.map(|t| now.saturating_sub(t) as f64 / 1e3),
+                "streams": spool,
+                "errors": s.spool_errors.load(Ordering::Relaxed),
+            },
+            "process": proc,
+            "temperature_c": board_temperature(),
+            "app": app,
+            "versions": {"neo-gateway": env!("CARGO_PKG_VERSION"), "tract": neo_runtime::TRACT_VERSION},
+            "model": crate::deploy::Slots::peek(&self.config().models_dir()).ok().flatten(),
+        })
+    }
+
+    /// Prometheus text exposition of the same numbers.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, samples: Vec<(String, f64)>| {
+            out.push_str(&format!(
+                "# HELP neo_{name} {help}\n# TYPE neo_{name} gauge\n"
+            ));
+            for (labels, v) in samples {
+                out.push_str(&format!("neo_{name}{labels} {v}\n"));
+            }
+        };
+        let s = self.stats();
+        let one = |v: f64| vec![(String::new(), v)];
+        gauge(
+            "up_seconds",
+            "Seconds since the gateway started.",
+            one(self.uptime().as_secs_f64()),
+        );
+        gauge(
+            "mqtt_connected",
+            "1 while connected to the broker.",
+            one(if s.connected.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            }),
+        );
+        for (name, help, v) in [
+            (
+                "mqtt_connects_total",
+                "Successful connections.",
+                &s.connects,
+            ),
+            (
+                "mqtt_connection_errors_total",
+                "Connection errors.",
+                &s.connection_errors,
+            ),
+            (
+                "mqtt_sent_total",
+                "Messages handed to MQTT (including resends).",
+                &s.sent,
+            ),
+            (
+                "mqtt_acked_total",
+                "Messages acknowledged by the broker.",
+                &s.acked,
+            ),
+            (
+                "spool_errors_total",
+                "Failed spool writes.",
+                &s.spool_errors,
+            ),
+            (
+                "commands_accepted_total",
+                "Commands accepted.",
+                &s.commands_accepted,
+            ),
+            (
+                "commands_refused_total",
+                "Commands refused.",
+                &s.commands_refused,
+            ),
+        ] {
+            gauge(name, help, one(v.load(Ordering::Relaxed) as f64));
+        }
+        let stats = self.spool().stats();
+        let per = |f: &dyn Fn(&crate::StreamStats) -> f64| {
+            stats
+                .iter()
+                .map(|(c, st)| (format!("{{stream=\"{}\"}}", c.name()), f(st)))
+                .collect::<Vec<_>>()
+        };
+        gauge(
+            "spool_queued",
+            "Messages waiting in the spool.",
+            per(&|s| s.queued as f64),
+        );
+        gauge(
+            "spool_bytes",
+            "Bytes waiting in the spool.",
+            per(&|s| s.bytes as f64),
+        );
+        gauge(
+            "spool_dropped_total",
+            "Messages dropped because the spool was full.",
+            per(&|s| s.dropped_budget as f64),
+        );
+        gauge(
+            "spool_too_large_total",
+            "Messages refused for exceeding the MQTT packet size.",
+            per(&|s| s.dropped_too_large as f64),
+        );
+        let now = crate::message::now_ms();
+        gauge(
+            "spool_oldest_age_seconds",
+            "Age of the oldest waiting message.",
+            per(&|s| {
+                s.oldest_ts_ms
+                    .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1e3)
+            }),
+        );
+        let proc = process_stats();
+        for (key, name, help) in [
+            ("rss_bytes", "process_rss_bytes", "Resident memory."),
+            (
+                "peak_rss_bytes",
+                "process_peak_rss_bytes",
+                "Peak resident memory.",
+            ),
+            ("cpu_seconds", "process_cpu_seconds_total", "CPU time used."),
+        ] {
+            if let Some(v) = proc.get(key).and_then(Value::as_f64) {
+                gauge(name, help, one(v));
+            }
+        }
+        if let Some(t) = board_temperature() {
+            gauge("board_temperature_celsius", "Board temperature.", one(t));
+        }
+        for (name, v) in self.app_metrics() {
+            gauge(
+                &format!("app_{name}"),
+                "Reported by the application.",
+                one(v),
+            );
+        }
+        out
+    }
+
+    /// Publishes telemetry every `telemetry.interval_s` and serves `/metrics` and `/healthz`
+    /// on `telemetry.metrics_addr` (if set) until `shutdown` turns true.
+    pub async fn run_telemetry(&self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+        let period = Duration::from_secs_f64(self.config().telemetry.interval_s);
+        let listener =
+            match &self.config().telemetry.metrics_addr {
+                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                    GatewayError::Io {
+                        context: format!("cannot listen on telemetry.metrics_addr {addr}"),
+                        source: e,
+                    }
+                })?),
+                None => None,
+            };
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        return Ok(());
+                    }
+                }
+                _ = tick.tick() => {
+                    let _ = self.try_publish(Class::Telemetry, self.telemetry());
+                }
+                conn = async {
+                    match &listener {
+                        Some(l) => l.accept().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Ok((stream, _)) = conn {
+                        let this = self.clone();
+                        tokio::spawn(async move { this.serve_http(stream).await });
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve_http(&self, mut stream: tokio::net::TcpStream) {
+        let mut buf = vec![0u8; 2048];
+        let mut len = 0;
+        // Read the request line and headers (a GET has no body).
+        while len < buf.len() {
+            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[len..])).await {
+                Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => {
+                    len += n;
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+        let request = String::from_utf8_lossy(&buf[..len]);
+        let path = request.split_whitespace().nth(1).unwrap_or("");
+        let (status, ctype, body) = match path {
+            "/metrics" => ("200 OK", "text/plain; version=0.0.4", self.prometheus()),
+            "/healthz" => {
+                let ok = self.stats().spool_errors.load(Ordering::Relaxed) == 0;
+                let body = json!({
+                    "ok": ok,
+                    "connected": self.stats().connected.load(Ordering::Relaxed),
+                    "spool_queued": self.spool().queued(),
+                })
+                .to_string();
+                (
+                    if ok {
+                        "200 OK"
+                    } else {
+                        "503 Service Unavailable"
+                    },
+                    "application/json",
+                    body,
+                )
+            }
+            _ => (
+                "404 Not Found",
+                "text/plain",
+                "try /metrics or /healthz\n".into(),
+            ),
+        };
+        let response = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    }
+}
+
+/// RSS, peak RSS and CPU seconds of this process (Linux /proc; empty elsewhere).
+pub fn process_stats() -> Value {
+    let mut out = Map::new();
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        for line in status.lines() {
+            let kb = |l: &str| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .map(|v| v * 1024.0)
+            };
+            if line.starts_with("VmRSS:") {
+                if let Some(v) = kb(line) {
+                    out.insert("rss_bytes".into(), json!(v));
+                }
+            } else if line.starts_with("VmHWM:") {
+                if let Some(v) = kb(line) {
+                    out.insert("peak_rss_bytes".into(), json!(v));
+                }
+            }
+        }
+    }
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the parenthesized command name; utime and stime are the 12th and 13th.
+        if let Some(rest) = stat.rsplit(')').next() {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            if let (Some(u), Some(s)) = (f.get(11), f.get(12)) {
+                if let (Ok(u), Ok(s)) = (u.parse::<f64>(), s.parse::<f64>()) {
+                    // USER_HZ is 100 on every Linux the boards run.
+                    out.insert("cpu_seconds".into(), json!((u + s) / 100.0));
+                }
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+/// The highest thermal-zone temperature, °C, where the board exposes one.
+pub fn board_temperature() -> Option<f64> {
+    let dir = std::fs::read_dir("/sys/class/thermal").ok()?;
+    dir.filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("thermal_zone"))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("temp")).ok())
+        .filter_map(|t| t.trim().parse::<f64>().ok())
+        .map(|milli| milli / 1000.0)
+        .reduce(f64::max)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn process_stats_reads_proc() {
+        let p = super::process_stats();
+        if std::path::Path::new("/proc/self/status").exists() {
+            assert!(p["rss_bytes"].as_f64().unwrap_or(0.0) > 0.0, "{p}");
+            assert!(p["cpu_seconds"].as_f64().is_some(), "{p}");
+        }
+    }
+}

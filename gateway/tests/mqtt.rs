@@ -1,0 +1,564 @@
+//! The gateway against a real Mosquitto (Debian package `mosquitto`, installed by `.ci/run`),
+//! started on a free loopback port, stopped and restarted as each test needs.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use neo_gateway::{Class, Gateway, GatewayConfig, ReceivedEnvelope};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+fn mosquitto_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("MOSQUITTO") {
+        return PathBuf::from(p);
+    }
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/usr/local/sbin"])
+    {
+        let p = Path::new(dir).join("mosquitto");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("these tests need a real MQTT broker: install mosquitto (apt-get install mosquitto) or set MOSQUITTO=/path/to/mosquitto");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Mosquitto with persistence (so a graceful stop keeps the messages queued for a
+/// persistent subscriber, as a production broker would).
+struct Broker {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut b = Broker {
+            port,
+            dir,
+            child: None,
+        };
+        b.restart();
+        b
+    }
+
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "broker already running");
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {dir}/\nmax_queued_messages 1000000\nuser root\nlog_dest none\n",
+                port = self.port,
+                dir = self.dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(mosquitto_binary())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Graceful stop (SIGTERM): Mosquitto saves its sessions and queued messages.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A subscriber with a persistent session (clean_session = false, QoS 1) that records every
+/// message it gets, by topic.
+/// (topic, payload) of every message received.
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+struct Subscriber {
+    got: Received,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Subscriber {
+    fn start(port: u16, id: &str, filter: &str) -> Subscriber {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let g = got.clone();
+        let filter = filter.to_string();
+        let id = id.to_string();
+        rt.spawn(async move {
+            let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+            opts.set_clean_session(false)
+                .set_keep_alive(Duration::from_secs(5))
+                .set_max_packet_size(1 << 20, 1 << 20);
+            let (client, mut events) = AsyncClient::new(opts, 64);
+            let mut ready = Some(ready_tx);
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        g.lock()
+                            .unwrap()
+                            .push((p.topic.clone(), p.payload.to_vec()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("subscriber could not subscribe");
+        Subscriber { got, _rt: rt }
+    }
+
+    fn envelopes(&self, leaf: &str) -> Vec<ReceivedEnvelope> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t.ends_with(&format!("/{leaf}")))
+            .map(|(_, p)| serde_json::from_slice(p).unwrap())
+            .collect()
+    }
+
+    fn wait_for(&self, leaf: &str, n: usize, timeout: Duration) -> Vec<ReceivedEnvelope> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let e = self.envelopes(leaf);
+            let distinct: std::collections::BTreeSet<u64> = e.iter().map(|e| e.seq).collect();
+            if distinct.len() >= n || Instant::now() > deadline {
+                return e;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn gateway_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_neo-gateway")
+}
+
+/// Runs the link of an in-process gateway on its own runtime until dropped.
+struct Running {
+    gateway: Gateway,
+    commands: neo_gateway::command::Commands,
+    stop: tokio::sync::watch::Sender<bool>,
+    rt: tokio::runtime::Runtime,
+    link: Option<tokio::task::JoinHandle<neo_gateway::Result<()>>>,
+}
+
+fn start_gateway(config: GatewayConfig) -> Running {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // A gateway dropped just before lets go of its spool when its writer thread notices.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (gateway, link, commands) = loop {
+        match Gateway::start(config.clone()) {
+            Err(neo_gateway::GatewayError::SpoolBusy(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            other => break other.unwrap(),
+        }
+    };
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let link = Some(rt.spawn(link.run(rx)));
+    Running {
+        gateway,
+        commands,
+        stop,
+        rt,
+        link,
+    }
+}
+
+impl Running {
+    fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(l) = self.link.take() {
+            self.rt.block_on(l).unwrap().unwrap();
+        }
+    }
+}
+
+#[test]
+fn nothing_is_lost_across_broker_restarts_and_a_gateway_kill() {
+    const COUNT: u64 = 10_000;
+    let mut broker = Broker::start();
+    let sub = Subscriber::start(broker.port, "loss-sub", "neo/site/line/lossdev/inspection");
+    let spool = tempfile::tempdir().unwrap();
+    let broker_addr = format!("127.0.0.1:{}", broker.port);
+    let spawn = || {
+        Command::new(gateway_bin())
+            .args([
+                "loadgen",
+                "--broker",
+                &broker_addr,
+                "--device",
+                "lossdev",
+                "--spool",
+            ])
+            .arg(spool.path())
+            .args([
+                "--count",
+                &COUNT.to_string(),
+                "--rate",
+                "1500",
+                "--wait",
+                "90",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut gw = spawn();
+    let t0 = Instant::now();
+    let at = |s: f64| {
+        let due = t0 + Duration::from_secs_f64(s);
+        if let Some(d) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+    };
+    at(1.0);
+    broker.stop();
+    at(2.0);
+    broker.restart();
+    at(3.0);
+    assert!(
+        gw.try_wait().unwrap().is_none(),
+        "the gateway finished before it could be killed"
+    );
+    gw.kill().unwrap(); // SIGKILL: no chance to flush anything
+    gw.wait().unwrap();
+    let gw = spawn();
+    at(4.5);
+    broker.stop();
+    at(5.5);
+    broker.restart();
+    let out = gw.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "loadgen failed: {log}");
+    assert!(
+        log.contains("resuming at result"),
+        "no resume after the kill: {log}"
+    );
+    let got = sub.wait_for("inspection", COUNT as usize, Duration::from_secs(60));
+    let mut counts: BTreeMap<u64, u32> = BTreeMap::new();
+    for e in &got {
+        *counts.entry(e.seq).or_default() += 1;
+        assert_eq!(
+            e.data["n"].as_u64(),
+            Some(e.seq),
+            "payload and sequence disagree"
+        );
+        assert_eq!(e.device, "lossdev");
+    }
+    let missing: Vec<u64> = (0..COUNT).filter(|n| !counts.contains_key(n)).collect();
+    let duplicates: u32 = counts.values().map(|c| c - 1).sum();
+    eprintln!(
+        "loss test: {} received, {} distinct, {} duplicates, {} missing",
+        got.len(),
+        counts.len(),
+        duplicates,
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "lost {} results, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(counts.len() as u64, COUNT, "ids outside 0..{COUNT}");
+}
+
+#[test]
+fn full_spool_drops_telemetry_first_and_every_result_arrives() {
+    let broker = Broker::start();
+    let spool = tempfile::tempdir().unwrap();
+    let mut config = GatewayConfig::local("127.0.0.1", broker.port, "fulldev", spool.path().into());
+    config.spool.max_mb = 0.05; // about 52 KB
+                                // Fill the spool before the link runs (as during a long outage).
+    let (gateway, link, _commands) = Gateway::start(config.clone()).unwrap();
+    for n in 0..300 {
+        gateway
+            .publish(
+                Class::Telemetry,
+                serde_json::json!({"n": n, "pad": "t".repeat(100)}),
+            )
+            .unwrap();
+    }
+    for n in 0..200 {
+        gateway
+            .publish(
+                Class::Inspection,
+                serde_json::json!({"n": n, "verdict": "OK"}),
+            )
+            .unwrap();
+    }
+    gateway.flush().unwrap();
+    let stats = gateway.spool().stats();
+    let tele = &stats[Class::Telemetry as usize].1;
+    let insp = &stats[Class::Inspection as usize].1;
+    assert_eq!(insp.queued, 200, "a result was dropped: {insp:?}");
+    assert_eq!(insp.dropped_budget, 0);
+    assert!(tele.dropped_budget > 0, "{tele:?}");
+    assert_eq!(tele.queued + tele.dropped_budget, 300);
+    assert!(gateway.spool().total_bytes() <= 52_428);
+    let telemetry = gateway.telemetry();
+    assert_eq!(
+        telemetry["spool"]["streams"]["telemetry"]["dropped_budget"].as_u64(),
+        Some(tele.dropped_budget)
+    );
+    drop((gateway, link));
+
+    let sub = Subscriber::start(broker.port, "full-sub", "neo/site/line/fulldev/#");
+    let run = start_gateway(config);
+    let results = sub.wait_for("inspection", 200, Duration::from_secs(30));
+    let seqs: std::collections::BTreeSet<u64> = results.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (0..200).collect());
+    let tele_got = sub.wait_for("telemetry", 300, Duration::from_secs(2));
+    assert!(
+        !tele_got.is_empty() && tele_got.len() < 300,
+        "{}",
+        tele_got.len()
+    );
+    // The surviving telemetry is the newest: its sequence numbers end at 299.
+    assert_eq!(tele_got.iter().map(|e| e.seq).max(), Some(299));
+    assert!(run.gateway.wait_delivered(Duration::from_secs(10)).unwrap());
+    run.shutdown();
+}
+
+#[test]
+fn status_is_retained_online_and_the_will_says_offline_after_a_crash() {
+    let broker = Broker::start();
+    let spool = tempfile::tempdir().unwrap();
+    let mut config =
+        GatewayConfig::local("127.0.0.1", broker.port, "statusdev", spool.path().into());
+    config.mqtt.keep_alive_s = 1;
+    let run = start_gateway(config.clone());
+    // A late subscriber gets the retained status.
+    std::thread::sleep(Duration::from_millis(500));
+    let sub = Subscriber::start(broker.port, "status-sub", "neo/site/line/statusdev/status");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = |sub: &Subscriber| -> Vec<serde_json::Value> {
+        sub.got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, p)| serde_json::from_slice(p).unwrap())
+            .collect()
+    };
+    while status(&sub).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let first = status(&sub);
+    assert_eq!(first[0]["state"], "online", "{first:?}");
+    assert_eq!(first[0]["versions"]["schema"], 1);
+    // Dropping the runtime without a goodbye is a crash as far as the broker can tell.
+    std::mem::forget(run.stop);
+    drop(run.rt);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status(&sub);
+        if s.last().map(|v| v["state"] == "offline").unwrap_or(false) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no offline will: {s:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn publish_raw(port: u16, topic: &str, payload: &[u8]) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let opts = MqttOptions::new(format!("cmd-{}", rand_id()), "127.0.0.1", port);
+        let (client, mut events) = AsyncClient::new(opts, 16);
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) | Err(_) => break,
+                _ => {}
+            }
+        }
+    });
+}
+
+fn rand_id() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+#[test]
+fn commands_are_validated_and_bad_deployments_refused() {
+    use ed25519_dalek::{Signer, SigningKey};
+    use sha2::Digest;
+    let broker = Broker::start();
+    let spool = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[42; 32]);
+    let mut config = GatewayConfig::local("127.0.0.1", broker.port, "cmddev", spool.path().into());
+    config.commands.trusted_keys = vec![hex::encode(key.verifying_key().to_bytes())];
+    let mut run = start_gateway(config.clone());
+    let sub = Subscriber::start(broker.port, "cmd-sub", "neo/site/line/cmddev/ack");
+    std::thread::sleep(Duration::from_millis(300)); // the gateway subscribes after connecting
+    let cmd = |name: &str, body: &str| {
+        publish_raw(
+            broker.port,
+            &format!("neo/site/line/cmddev/cmd/{name}"),
+            body.as_bytes(),
+        )
+    };
+    cmd("set_threshold", "{not json");
+    cmd("set_threshold", r#"{"id":"t1","value":-3}"#);
+    cmd("reboot", r#"{"id":"r1"}"#);
+    cmd("set_threshold", r#"{"id":"t2","value":1.25,"model":"det"}"#);
+    cmd("pause", r#"{"id":"p1","v":2}"#);
+
+    // A deployment signed by an unknown key, one whose bytes do not match its hash, and one
+    // that is fine but not a model.
+    let artifact = spool.path().join("incoming.neo");
+    std::fs::write(&artifact, b"definitely not a neo artifact").unwrap();
+    let bytes = std::fs::read(&artifact).unwrap();
+    let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+    let stranger = SigningKey::from_bytes(&[9; 32]).sign(&digest);
+    let good = key.sign(&digest);
+    let deploy = |id: &str, sha: &[u8], sig: &ed25519_dalek::Signature| {
+        serde_json::json!({
+            "id": id, "name": "det", "size": bytes.len(),
+            "sha256": hex::encode(sha), "signature": hex::encode(sig.to_bytes()),
+            "path": artifact.to_str().unwrap(),
+        })
+        .to_string()
+    };
+    cmd("deploy", &deploy("d1", &digest, &stranger));
+    let mut wrong = digest;
+    wrong[0] ^= 0xff;
+    cmd("deploy", &deploy("d2", &wrong, &key.sign(&wrong)));
+    cmd("deploy", &deploy("d3", &digest, &good));
+    cmd("status", r#"{"id":"s1"}"#);
+
+    let acks = sub.wait_for("ack", 9, Duration::from_secs(20));
+    let by_id = |id: Option<&str>| -> Vec<serde_json::Value> {
+        acks.iter()
+            .filter(|e| e.data["cmd_id"].as_str() == id)
+            .map(|e| e.data.clone())
+            .collect()
+    };
+    let refused = |id: Option<&str>, why: &str| {
+        let a = by_id(id);
+        assert_eq!(a.len(), 1, "{id:?}: {acks:?}");
+        assert_eq!(a[0]["ok"], false, "{id:?}: {a:?}");
+        let m = a[0]["message"].as_str().unwrap();
+        assert!(m.contains(why), "{id:?}: {m}");
+    };
+    refused(None, "not JSON");
+    refused(Some("t1"), "positive number");
+    refused(Some("r1"), "unknown command");
+    refused(Some("p1"), "schema version");
+    refused(Some("d1"), "signature");
+    refused(Some("d2"), "sha256");
+    refused(Some("d3"), "health check");
+    let status = by_id(Some("s1"));
+    assert_eq!(status[0]["ok"], true);
+    let s: serde_json::Value =
+        serde_json::from_str(status[0]["message"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        s["model"],
+        serde_json::Value::Null,
+        "a refused model became active: {s}"
+    );
+    assert!(neo_gateway::deploy::Slots::peek(&config.models_dir())
+        .unwrap()
+        .is_none());
+
+    // The one valid command reached the application, which acknowledges it.
+    let c = run
+        .commands
+        .try_recv()
+        .expect("set_threshold did not arrive");
+    assert_eq!(
+        c.action,
+        neo_gateway::command::Action::SetThreshold {
+            model: Some("det".into()),
+            value: 1.25
+        }
+    );
+    assert!(
+        run.commands.try_recv().is_none(),
+        "a refused command reached the application"
+    );
+    run.gateway
+        .ack(Some(&c.id), "set_threshold", true, "threshold 1.25");
+    let acks = sub.wait_for("ack", 10, Duration::from_secs(10));
+    assert!(acks
+        .iter()
+        .any(|e| e.data["cmd_id"] == "t2" && e.data["ok"] == true));
+    run.shutdown();
+}
