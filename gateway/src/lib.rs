@@ -14,6 +14,7 @@ pub mod deploy;
 pub mod link;
 pub mod message;
 pub mod metrics;
+pub mod samples;
 pub mod spool;
 
 use std::path::PathBuf;

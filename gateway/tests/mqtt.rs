@@ -562,3 +562,86 @@ fn commands_are_validated_and_bad_deployments_refused() {
         .any(|e| e.data["cmd_id"] == "t2" && e.data["ok"] == true));
     run.shutdown();
 }
+
+#[test]
+fn samples_are_chunked_under_the_packet_limit_and_never_starve_results() {
+    use base64::Engine;
+    use sha2::Digest;
+    let broker = Broker::start();
+    let spool = tempfile::tempdir().unwrap();
+    let mut config =
+        GatewayConfig::local("127.0.0.1", broker.port, "sampledev", spool.path().into());
+    config.mqtt.max_packet_bytes = 32 * 1024;
+    config.samples.max_bytes_per_s = 100 * 1024;
+    let sub = Subscriber::start(broker.port, "sample-sub", "neo/site/line/sampledev/#");
+    let run = start_gateway(config);
+    // A noisy 256x256 frame: its JPEG is far larger than one 32 KiB packet.
+    let frame = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(256, 256, |x, y| {
+        let h = (x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503)).wrapping_mul(2246822519);
+        image::Rgb([(h >> 8) as u8, (h >> 16) as u8, (h >> 24) as u8])
+    }));
+    let jpeg = neo_gateway::samples::encode_jpeg(&frame, 90).unwrap();
+    assert!(jpeg.len() > 64 * 1024, "{}", jpeg.len());
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(
+            run.gateway
+                .publish_sample(
+                    "image/jpeg",
+                    &jpeg,
+                    serde_json::json!({"frame": i, "verdict": "NG"}),
+                )
+                .unwrap(),
+        );
+    }
+    // Results published after the samples still go first.
+    for n in 0..50 {
+        run.gateway
+            .publish(Class::Inspection, serde_json::json!({ "n": n }))
+            .unwrap();
+    }
+    let results = sub.wait_for("inspection", 50, Duration::from_secs(10));
+    assert_eq!(results.len(), 50);
+    assert!(run.gateway.wait_delivered(Duration::from_secs(60)).unwrap());
+    let got = sub.got.lock().unwrap().clone();
+    let last_result = got
+        .iter()
+        .rposition(|(t, _)| t.ends_with("/inspection"))
+        .unwrap();
+    let last_chunk = got
+        .iter()
+        .rposition(|(t, _)| t.contains("/samples/"))
+        .unwrap();
+    assert!(last_result < last_chunk, "samples delayed the results");
+    for id in &ids {
+        let mut chunks: Vec<ReceivedEnvelope> = got
+            .iter()
+            .filter(|(t, _)| t.ends_with(&format!("/samples/{id}")))
+            .map(|(_, p)| {
+                assert!(p.len() <= 32 * 1024, "chunk of {} bytes", p.len());
+                serde_json::from_slice(p).unwrap()
+            })
+            .collect();
+        chunks.sort_by_key(|c| c.data["chunk"].as_u64());
+        chunks.dedup_by_key(|c| c.data["chunk"].as_u64());
+        let n = chunks[0].data["chunks"].as_u64().unwrap() as usize;
+        assert!(n >= 3, "{n} chunks");
+        assert_eq!(chunks.len(), n);
+        let bytes: Vec<u8> = chunks
+            .iter()
+            .flat_map(|c| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(c.data["data"].as_str().unwrap())
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(bytes, jpeg);
+        assert_eq!(
+            chunks[0].data["sha256"].as_str().unwrap(),
+            hex::encode(sha2::Sha256::digest(&bytes))
+        );
+        assert!(chunks[0].data["meta"]["verdict"] == "NG");
+        image::load_from_memory(&bytes).unwrap();
+    }
+    run.shutdown();
+}

@@ -64,6 +64,10 @@ enum Cmd {
         conn: Conn,
         #[arg(long, default_value_t = 50_000)]
         count: u64,
+        /// Results per second (0: all at once, which measures the maximum throughput; latency
+        /// then includes the queueing).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
     },
     /// Print telemetry (JSON) of a spool without connecting.
     Spool {
@@ -126,7 +130,7 @@ fn real_main() -> Result<()> {
             rate,
             wait,
         } => loadgen(&conn, count, rate, wait),
-        Cmd::Bench { conn, count } => bench(&conn, count),
+        Cmd::Bench { conn, count, rate } => bench(&conn, count, rate),
         Cmd::Spool { conn } => {
             let config = config_of(&conn)?;
             let (gateway, _link, _commands) = Gateway::start(config)?;
@@ -226,7 +230,7 @@ fn loadgen(conn: &Conn, count: u64, rate: f64, wait: f64) -> Result<()> {
 }
 
 /// Publishes COUNT results through the spool and receives them on a second connection.
-fn bench(conn: &Conn, count: u64) -> Result<()> {
+fn bench(conn: &Conn, count: u64, rate: f64) -> Result<()> {
     let config = config_of(conn)?;
     let topic = config.topics()?.data("inspection");
     let (host, port) = (config.mqtt.host.clone(), config.mqtt.port);
@@ -279,6 +283,12 @@ fn bench(conn: &Conn, count: u64) -> Result<()> {
     let start = gateway.spool().next_seqs()[Class::Inspection as usize];
     let t0 = Instant::now();
     for n in 0..count {
+        if rate > 0.0 {
+            let due = t0 + Duration::from_secs_f64(n as f64 / rate);
+            if let Some(d) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+        }
         gateway.publish(
             Class::Inspection,
             serde_json::json!({ "n": n, "verdict": "OK", "score": 0.42, "regions": [] }),
@@ -306,6 +316,7 @@ fn bench(conn: &Conn, count: u64) -> Result<()> {
     let s = gateway.stats();
     let report = serde_json::json!({
         "count": count,
+        "rate": if rate > 0.0 { serde_json::json!(rate) } else { serde_json::json!("burst") },
         "delivered": delivered,
         "received": received,
         "spool_s": spooled.as_secs_f64(),
