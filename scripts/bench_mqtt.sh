@@ -17,5 +17,5 @@ printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000
 trap 'kill $mpid 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done
 echo "== mosquitto $("$MOSQ" -h 2>/dev/null | head -1 | awk '{print $3}') on 127.0.0.1:$port, $COUNT results, rate $RATE/s (0: burst)" >&2
-/usr/bin/time -v "$BIN" bench --broker "127.0.0.1:$port" --spool "$work/spool" --count "$COUNT" --rate "$RATE" 2> "$work/time.txt"
+/usr/bin/time -v "$BIN" bench --broker "127.0.0.1:$port" --spool "${SPOOL_DIR:-$work/spool}" --count "$COUNT" --rate "$RATE" 2> "$work/time.txt"
 grep -E "Maximum resident|Percent of CPU|Elapsed" "$work/time.txt" >&2

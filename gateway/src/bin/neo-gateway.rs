@@ -309,6 +309,7 @@ fn bench(conn: &Conn, count: u64, rate: f64) -> Result<()> {
     let received_all = t0.elapsed();
     let _ = stop_tx.send(true);
     let _ = rt.block_on(link_task);
+    let baseline = rt.block_on(plain_rumqttc(&gateway, count))?;
     let mut lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
     lat.sort_unstable();
     let q = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p) as usize).copied();
@@ -329,10 +330,51 @@ fn bench(conn: &Conn, count: u64, rate: f64) -> Result<()> {
         "sent": s.sent.load(Ordering::Relaxed),
         "acked": s.acked.load(Ordering::Relaxed),
         "process": neo_gateway::metrics::process_stats(),
+        "baseline_plain_rumqttc_qos1_per_s": baseline,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     if !delivered || (received as u64) < count {
         bail!("only {received} of {count} results arrived");
     }
     Ok(())
+}
+
+/// The same number of QoS 1 publishes straight through rumqttc (same in-flight window, no
+/// spool), acknowledged by the broker: what the spool costs.
+async fn plain_rumqttc(gateway: &Gateway, count: u64) -> Result<f64> {
+    let m = &gateway.config().mqtt;
+    let mut opts = MqttOptions::new("neo-bench-plain", m.host.clone(), m.port);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_inflight(m.inflight);
+    let (client, mut events) = AsyncClient::new(opts, 1024);
+    let topic = gateway.topics().data("baseline");
+    let payload = serde_json::to_vec(&serde_json::json!({
+        "v": 1, "kind": "inspection", "id": "gw1-000000000000-0", "device": "gw1", "seq": 0,
+        "ts_ms": 0, "data": { "n": 0, "verdict": "OK", "score": 0.42, "regions": [] }
+    }))?;
+    let t0 = Instant::now();
+    let producer = tokio::spawn(async move {
+        for _ in 0..count {
+            if client
+                .publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        client
+    });
+    let mut acked = 0;
+    while acked < count {
+        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("baseline connection failed: {e}"),
+            Err(_) => bail!("baseline: no progress for 10 s ({acked} of {count} acknowledged)"),
+        }
+    }
+    let per_s = count as f64 / t0.elapsed().as_secs_f64();
+    let _ = producer.await;
+    Ok(per_s)
 }
