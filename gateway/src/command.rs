@@ -336,7 +336,7 @@ impl Dispatcher {
                     .iter()
                     .filter_map(|k| deploy::parse_public_key(k).ok())
                     .collect();
-                let result = Slots::open(&config.models_dir())
+                let result = Slots::at(&config.models_dir())
                     .and_then(|slots| slots.install(&spec, &bytes, &keys, deploy::health_check));
                 match result {
                     Ok(active) => {

@@ -165,6 +165,15 @@ impl Slots {
         Ok(slots)
     }
 
+    /// The slots as they are, without the boot-time rollback of [`Slots::open`] (for
+    /// installing while the daemon runs).
+    pub fn at(dir: &Path) -> Result<Slots> {
+        std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
+        Ok(Slots {
+            dir: dir.to_path_buf(),
+        })
+    }
+
     /// The active model without opening (or repairing) the slots.
     pub fn peek(dir: &Path) -> Result<Option<ActiveModel>> {
         Ok(Slots {

@@ -43,16 +43,25 @@ struct Broker {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// More configuration (e.g. a TLS listener).
+    extra: String,
 }
 
 impl Broker {
     fn start() -> Broker {
+        Broker::start_with(|_| String::new())
+    }
+
+    /// `extra` gets the broker's folder and returns configuration lines to add.
+    fn start_with(extra: impl FnOnce(&Path) -> String) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let extra = extra(dir.path());
         let mut b = Broker {
             port,
             dir,
             child: None,
+            extra,
         };
         b.restart();
         b
@@ -64,9 +73,10 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {dir}/\nmax_queued_messages 1000000\nuser root\nlog_dest none\n",
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {dir}/\nmax_queued_messages 1000000\nuser root\nlog_dest none\n{extra}\n",
                 port = self.port,
-                dir = self.dir.path().display()
+                dir = self.dir.path().display(),
+                extra = self.extra,
             ),
         )
         .unwrap();
@@ -428,21 +438,34 @@ fn status_is_retained_online_and_the_will_says_offline_after_a_crash() {
 }
 
 fn publish_raw(port: u16, topic: &str, payload: &[u8]) {
+    publish_all(port, vec![(topic.to_string(), payload.to_vec())]);
+}
+
+/// Publishes messages in order on one connection (QoS 1) and waits for every PUBACK.
+fn publish_all(port: u16, messages: Vec<(String, Vec<u8>)>) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let opts = MqttOptions::new(format!("cmd-{}", rand_id()), "127.0.0.1", port);
+        let mut opts = MqttOptions::new(format!("cmd-{}", rand_id()), "127.0.0.1", port);
+        opts.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut events) = AsyncClient::new(opts, 16);
-        client
-            .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
-            .await
-            .unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
+        let n = messages.len();
+        tokio::spawn(async move {
+            for (topic, payload) in messages {
+                client
+                    .publish(topic, QoS::AtLeastOnce, false, payload)
+                    .await
+                    .unwrap();
+            }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut acked = 0;
+        while acked < n {
             match tokio::time::timeout_at(deadline, events.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) | Err(_) => break,
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+                Err(_) => panic!("only {acked} of {n} commands acknowledged by the broker"),
                 _ => {}
             }
         }
@@ -643,5 +666,269 @@ fn samples_are_chunked_under_the_packet_limit_and_never_starve_results() {
         assert!(chunks[0].data["meta"]["verdict"] == "NG");
         image::load_from_memory(&bytes).unwrap();
     }
+    run.shutdown();
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("these tests need the openssl command to make certificates");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A private CA, a server certificate for localhost and a client certificate, as PEM files.
+fn make_certs(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=neo test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ];
+    ca.extend(ec);
+    openssl(dir, &ca);
+    for (name, cn, ext) in [
+        (
+            "server",
+            "localhost",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ),
+        ("client", "cam1", "extendedKeyUsage=clientAuth"),
+    ] {
+        let mut req = vec!["req", "-new", "-subj"];
+        let subj = format!("/CN={cn}");
+        let key = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        req.extend([subj.as_str(), "-keyout", &key, "-out", &csr]);
+        req.extend(ec);
+        openssl(dir, &req);
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        let ext_file = format!("{name}.ext");
+        let pem = format!("{name}.pem");
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &ext_file,
+                "-out",
+                &pem,
+            ],
+        );
+    }
+}
+
+#[test]
+fn tls_with_a_client_certificate_and_without_one() {
+    let tls_port = free_port();
+    let broker = Broker::start_with(|dir| {
+        make_certs(dir);
+        format!(
+            "listener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\nrequire_certificate true\nuse_identity_as_username true\n",
+            d = dir.display()
+        )
+    });
+    let certs = broker.dir.path();
+    let sub = Subscriber::start(broker.port, "tls-sub", "neo/site/line/+/inspection");
+    let spool = tempfile::tempdir().unwrap();
+    let mut config = GatewayConfig::local("localhost", tls_port, "tlsdev", spool.path().join("a"));
+    config.mqtt.tls = Some(neo_gateway::config::TlsConfig {
+        ca: certs.join("ca.pem"),
+        cert: Some(certs.join("client.pem")),
+        key: Some(certs.join("client.key")),
+    });
+    let run = start_gateway(config.clone());
+    run.gateway
+        .publish(Class::Inspection, serde_json::json!({"n": 1}))
+        .unwrap();
+    let got = sub.wait_for("inspection", 1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1, "nothing arrived over TLS");
+    assert_eq!(got[0].device, "tlsdev");
+    run.shutdown();
+
+    // Without a client certificate the broker refuses the handshake; the result waits.
+    config.mqtt.device = "nocert".into();
+    config.spool.dir = spool.path().join("b");
+    if let Some(tls) = config.mqtt.tls.as_mut() {
+        tls.cert = None;
+        tls.key = None;
+    }
+    let run = start_gateway(config.clone());
+    run.gateway
+        .publish(Class::Inspection, serde_json::json!({"n": 2}))
+        .unwrap();
+    assert!(!run.gateway.wait_delivered(Duration::from_secs(2)).unwrap());
+    let stats = run.gateway.stats();
+    assert!(
+        stats
+            .connection_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    assert!(!stats.connected.load(std::sync::atomic::Ordering::Relaxed));
+    assert_eq!(run.gateway.spool().queued(), 1);
+    assert!(sub
+        .envelopes("inspection")
+        .iter()
+        .all(|e| e.device != "nocert"));
+    run.shutdown();
+
+    // A CA file that holds no certificate is a clear configuration error.
+    std::fs::write(spool.path().join("empty.pem"), "").unwrap();
+    config.mqtt.tls = Some(neo_gateway::config::TlsConfig {
+        ca: spool.path().join("empty.pem"),
+        cert: None,
+        key: None,
+    });
+    config.spool.dir = spool.path().join("c");
+    let err = Gateway::start(config).err().unwrap();
+    assert!(err.to_string().contains("no PEM certificate"), "{err}");
+}
+
+#[test]
+fn a_signed_model_deployed_in_chunks_becomes_active_and_a_tampered_one_does_not() {
+    use base64::Engine;
+    use ed25519_dalek::{Signer, SigningKey};
+    use sha2::Digest;
+    // A real artifact: the shipped bottle classifier, compiled for x86_64.
+    let work = tempfile::tempdir().unwrap();
+    let artifact = work.path().join("bottle.neo");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    neoc::compile(
+        &neoc::CompileOptions {
+            model: repo.join("models/bottle-classifier/model.onnx"),
+            target: "x86_64".into(),
+            output: artifact.clone(),
+            ..Default::default()
+        },
+        &neo_boards::Boards::shipped(),
+    )
+    .unwrap();
+    let bytes = std::fs::read(&artifact).unwrap();
+
+    let broker = Broker::start();
+    let key = SigningKey::from_bytes(&[5; 32]);
+    let mut config = GatewayConfig::local(
+        "127.0.0.1",
+        broker.port,
+        "deploydev",
+        work.path().join("spool"),
+    );
+    config.commands.trusted_keys = vec![hex::encode(key.verifying_key().to_bytes())];
+    config.mqtt.max_packet_bytes = 64 * 1024;
+    let mut run = start_gateway(config.clone());
+    let sub = Subscriber::start(broker.port, "deploy-sub", "neo/site/line/deploydev/ack");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let send = |id: &str, bytes: &[u8], tamper: bool| {
+        let digest: [u8; 32] = sha2::Sha256::digest(bytes).into();
+        let parts: Vec<&[u8]> = bytes.chunks(40 * 1024).collect();
+        let mut msgs = vec![(
+            "neo/site/line/deploydev/cmd/deploy".to_string(),
+            serde_json::json!({
+                "id": id, "name": "bottle", "size": bytes.len(), "chunks": parts.len(),
+                "sha256": hex::encode(digest), "signature": hex::encode(key.sign(&digest).to_bytes()),
+            })
+            .to_string()
+            .into_bytes(),
+        )];
+        for (i, part) in parts.iter().enumerate() {
+            let mut part = part.to_vec();
+            if tamper && i == 3 {
+                part[100] ^= 1;
+            }
+            msgs.push((
+                "neo/site/line/deploydev/cmd/deploy_chunk".to_string(),
+                serde_json::json!({
+                    "id": format!("{id}-{i}"), "deploy_id": id, "index": i,
+                    "data": base64::engine::general_purpose::STANDARD.encode(&part),
+                })
+                .to_string()
+                .into_bytes(),
+            ));
+        }
+        publish_all(broker.port, msgs);
+    };
+    send("dep-1", &bytes, false);
+    let acks = sub.wait_for("ack", 1, Duration::from_secs(60));
+    let ack = &acks
+        .iter()
+        .find(|e| e.data["cmd_id"] == "dep-1")
+        .unwrap()
+        .data;
+    assert_eq!(ack["ok"], true, "{ack}");
+
+    // The application hears of it, loads it and confirms.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let cmd = loop {
+        if let Some(c) = run.commands.try_recv() {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "no ModelActivated");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let neo_gateway::command::Action::ModelActivated { path, sha256, .. } = cmd.action else {
+        panic!("{cmd:?}")
+    };
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    assert_eq!(sha256, hex::encode(sha2::Sha256::digest(&bytes)));
+    neo_runtime::Model::load(&path).unwrap();
+    // A daemon restarting before it confirmed goes back to the previous model (none here).
+    assert!(neo_gateway::deploy::Slots::peek(&config.models_dir())
+        .unwrap()
+        .is_some());
+    let slots = neo_gateway::deploy::Slots::open(&config.models_dir()).unwrap();
+    assert!(slots.active().unwrap().is_none());
+    // Deploy again; this time the daemon confirms.
+    send("dep-2", &bytes, false);
+    let acks = sub.wait_for("ack", 2, Duration::from_secs(60));
+    assert!(acks
+        .iter()
+        .any(|e| e.data["cmd_id"] == "dep-2" && e.data["ok"] == true));
+    assert!(slots.on_trial().unwrap());
+    slots.confirm().unwrap();
+    let active = slots.active().unwrap().unwrap();
+
+    // A deployment with one flipped byte in one chunk is refused; the active model stays.
+    send("dep-3", &bytes, true);
+    let acks = sub.wait_for("ack", 3, Duration::from_secs(60));
+    let ack = &acks
+        .iter()
+        .find(|e| e.data["cmd_id"] == "dep-3")
+        .unwrap()
+        .data;
+    assert_eq!(ack["ok"], false);
+    assert!(ack["message"].as_str().unwrap().contains("sha256"), "{ack}");
+    assert_eq!(slots.active().unwrap().unwrap(), active);
+    assert!(!slots.on_trial().unwrap());
+    assert_eq!(std::fs::read(&active.path).unwrap(), bytes);
     run.shutdown();
 }
