@@ -932,3 +932,64 @@ fn a_signed_model_deployed_in_chunks_becomes_active_and_a_tampered_one_does_not(
     assert_eq!(std::fs::read(&active.path).unwrap(), bytes);
     run.shutdown();
 }
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn telemetry_is_published_and_served_on_metrics() {
+    let broker = Broker::start();
+    let spool = tempfile::tempdir().unwrap();
+    let metrics_port = free_port();
+    let mut config = GatewayConfig::local("127.0.0.1", broker.port, "teledev", spool.path().into());
+    config.telemetry.interval_s = 0.2;
+    config.telemetry.metrics_addr = Some(format!("127.0.0.1:{metrics_port}"));
+    let sub = Subscriber::start(broker.port, "tele-sub", "neo/site/line/teledev/telemetry");
+    let run = start_gateway(config);
+    run.gateway.set_app_metrics(vec![
+        ("frames_per_s".into(), 9.5),
+        ("bad name!".into(), 1.0),
+    ]);
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let g = run.gateway.clone();
+    let telemetry = run.rt.spawn(async move { g.run_telemetry(rx).await });
+    let got = sub.wait_for("telemetry", 2, Duration::from_secs(10));
+    assert!(got.len() >= 2, "{}", got.len());
+    let t = &got.last().unwrap().data;
+    assert_eq!(t["link"]["connected"], true, "{t}");
+    assert_eq!(t["app"]["frames_per_s"], 9.5);
+    assert!(t["app"].get("bad name!").is_none());
+    assert!(t["process"]["rss_bytes"].as_f64().unwrap() > 0.0);
+    assert!(t["spool"]["streams"]["inspection"]["next_seq"].is_u64());
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let m = http_get(metrics_port, "/metrics");
+        if m.contains("neo_mqtt_connected 1") || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(metrics.contains("neo_mqtt_connected 1"), "{metrics}");
+    assert!(
+        metrics.contains("neo_spool_queued{stream=\"inspection\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("neo_app_frames_per_s 9.5"), "{metrics}");
+    let health = http_get(metrics_port, "/healthz");
+    assert!(
+        health.starts_with("HTTP/1.1 200") && health.contains("\"ok\":true"),
+        "{health}"
+    );
+    assert!(http_get(metrics_port, "/nope").starts_with("HTTP/1.1 404"));
+    let _ = stop.send(true);
+    run.rt.block_on(telemetry).unwrap().unwrap();
+    run.shutdown();
+}
