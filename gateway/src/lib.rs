@@ -16,6 +16,7 @@ pub mod message;
 pub mod metrics;
 pub mod samples;
 pub mod spool;
+pub mod station;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

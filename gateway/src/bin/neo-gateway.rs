@@ -44,6 +44,33 @@ struct Conn {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run an inspection station: cameras -> model -> decision -> reject -> MQTT. Without
+    /// --config, the embedded demo station (run it from the repository root after
+    /// ./scripts/demo.sh has compiled the model).
+    Run {
+        /// station.toml (see the commented example at the repository root).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Stop after this many frames.
+        #[arg(long)]
+        max_frames: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<f64>,
+        /// No line per result on stdout.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Print what a station publishes, one line per message.
+    Watch {
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        broker: String,
+        #[arg(long, default_value = "neo/#")]
+        filter: String,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Publish synthetic inspection results until the stream holds COUNT, resuming after a
     /// crash where the spool left off, then wait until the broker has them all.
     Loadgen {
@@ -124,6 +151,43 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn real_main() -> Result<()> {
     match Cli::parse().command {
+        Cmd::Run {
+            config,
+            max_frames,
+            duration,
+            quiet,
+        } => {
+            use neo_gateway::station::{self, config::StationConfig};
+            let config = match &config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    let base = path.parent().unwrap_or(Path::new("."));
+                    StationConfig::from_toml(&text, base)
+                        .with_context(|| format!("in {}", path.display()))?
+                }
+                None => StationConfig::from_toml(
+                    station::config::DEFAULT_STATION,
+                    &std::env::current_dir()?,
+                )
+                .context("in the embedded default station")?,
+            };
+            let summary = station::run(
+                config,
+                station::RunOptions {
+                    max_frames,
+                    duration: duration.map(Duration::from_secs_f64),
+                    print: !quiet,
+                },
+            )?;
+            eprintln!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Cmd::Watch {
+            broker,
+            filter,
+            count,
+        } => watch(&broker, &filter, count),
         Cmd::Loadgen {
             conn,
             count,
@@ -377,4 +441,78 @@ async fn plain_rumqttc(gateway: &Gateway, count: u64) -> Result<f64> {
     let per_s = count as f64 / t0.elapsed().as_secs_f64();
     let _ = producer.await;
     Ok(per_s)
+}
+
+fn watch(broker: &str, filter: &str, count: Option<u64>) -> Result<()> {
+    let (host, port) = broker
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+        .with_context(|| format!("--broker {broker:?}: expected HOST:PORT"))?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut opts = MqttOptions::new(format!("neo-watch-{}", std::process::id()), host, port);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut events) = AsyncClient::new(opts, 64);
+        let mut seen = 0u64;
+        let mut warned = false;
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    client.subscribe(filter, QoS::AtLeastOnce).await?;
+                    eprintln!("watching {filter} on {broker} (Ctrl-C to stop)");
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    println!("{}", watch_line(&p.topic, &p.payload));
+                    seen += 1;
+                    if count.is_some_and(|c| seen >= c) {
+                        return Ok(());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if !warned {
+                        eprintln!("cannot reach {broker}: {e} (retrying; is the station running?)");
+                        warned = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    })
+}
+
+fn watch_line(topic: &str, payload: &[u8]) -> String {
+    let leaf = topic.rsplit('/').next().unwrap_or(topic);
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return format!("{topic}  ({} bytes, not JSON)", payload.len());
+    };
+    let d = &v["data"];
+    match v["kind"].as_str() {
+        Some("inspection") => format!(
+            "{topic}  #{}  {}  {}  score {}  {}",
+            v["seq"],
+            d["verdict"].as_str().unwrap_or("?"),
+            d["image"].as_str().unwrap_or(""),
+            d["score"]
+                .as_f64()
+                .map_or("-".into(), |s| format!("{s:.2}")),
+            d["reason"].as_str().unwrap_or("")
+        ),
+        Some("samples") => format!(
+            "{topic}  chunk {}/{}  {} bytes",
+            d["chunk"], d["chunks"], d["bytes"]
+        ),
+        Some("telemetry") => format!(
+            "{topic}  up {:.0} s  fps {}  spool {} queued  connected {}",
+            d["uptime_s"].as_f64().unwrap_or(0.0),
+            d["app"]["frames_per_s"]
+                .as_f64()
+                .map_or("-".into(), |f| format!("{f:.1}")),
+            d["spool"]["streams"]["inspection"]["queued"],
+            d["link"]["connected"]
+        ),
+        _ if leaf == "status" => format!("{topic}  {}", v["state"].as_str().unwrap_or("?")),
+        _ => format!("{topic}  {}", serde_json::to_string(d).unwrap_or_default()),
+    }
 }

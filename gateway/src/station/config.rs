@@ -1,0 +1,276 @@
+//! `station.toml`: everything one inspection station runs, in one file. `station.toml` at the
+//! repository root is the commented example and the embedded default.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::config::{
+    CommandsConfig, GatewayConfig, MqttConfig, SamplesConfig, SpoolConfig, TelemetryConfig,
+};
+use crate::{GatewayError, Result};
+
+/// The default station (the demo): the shipped classifier on the shipped sample images, an
+/// in-process broker.
+pub const DEFAULT_STATION: &str = include_str!("../../../station.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StationConfig {
+    pub station: StationSection,
+    #[serde(default)]
+    pub cameras: Vec<CameraConfig>,
+    pub inspection: InspectionConfig,
+    #[serde(default)]
+    pub reject: RejectConfig,
+    pub mqtt: MqttConfig,
+    pub spool: SpoolConfig,
+    #[serde(default)]
+    pub samples: SamplesConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub commands: CommandsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StationSection {
+    pub name: String,
+    /// What every part gets while the model or the camera is unusable.
+    #[serde(default)]
+    pub fail_safe: FailSafe,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FailSafe {
+    /// Reject every part (nothing unchecked passes).
+    #[default]
+    RejectAll,
+    /// Let every part pass (the line keeps moving).
+    PassAll,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraConfig {
+    pub name: String,
+    #[serde(default)]
+    pub kind: SourceKind,
+    /// `folder`: a folder of images, or a glob such as `frames/*.png`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Frames per second in free-run mode.
+    #[serde(default = "default_fps")]
+    pub fps: f64,
+    /// `folder`: start again at the first image after the last.
+    #[serde(default = "yes", rename = "loop")]
+    pub repeat: bool,
+    #[serde(default)]
+    pub trigger: Trigger,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// Images from a folder or glob, replayed at `fps` (demos, tests, offline replays).
+    #[default]
+    Folder,
+    /// A V4L2/UVC camera (feature `camera`; not built yet).
+    Camera,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// A frame every 1/fps seconds.
+    #[default]
+    FreeRun,
+    /// A frame when the `capture_now` command arrives.
+    Software,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InspectionConfig {
+    /// The compiled artifact (`.neo`): a classifier or an anomaly detector.
+    pub model: PathBuf,
+    /// Classifier labels that mean NG (a detector decides by its own threshold).
+    #[serde(default)]
+    pub ng_labels: Vec<String>,
+    /// Classifier: NG when the NG labels' probability is at least this (default 0.5).
+    /// Detector: NG when the normalized score is above this (default 1.0, the trained
+    /// threshold). The `set_threshold` command changes it at run time.
+    #[serde(default)]
+    pub threshold: Option<f32>,
+    /// Inference threads; the board profile's (capped at the cores) when unset.
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// Frames waiting for inference; beyond it the oldest are dropped (and counted).
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RejectConfig {
+    #[serde(default)]
+    pub kind: RejectKind,
+    /// `file`: where each pulse is appended as a JSON line.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// From the frame's capture to the pulse: the conveyor's travel time to the ejector.
+    #[serde(default = "default_delay")]
+    pub delay_ms: u64,
+    #[serde(default = "default_pulse")]
+    pub pulse_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectKind {
+    /// Log each pulse (boards without an ejector, demos).
+    #[default]
+    Log,
+    /// Append each pulse to `path` as a JSON line (tests, or a PLC bridge watching the file).
+    File,
+}
+
+impl Default for RejectConfig {
+    fn default() -> Self {
+        RejectConfig {
+            kind: RejectKind::Log,
+            path: None,
+            delay_ms: default_delay(),
+            pulse_ms: default_pulse(),
+        }
+    }
+}
+
+fn default_fps() -> f64 {
+    2.0
+}
+fn yes() -> bool {
+    true
+}
+fn default_queue() -> usize {
+    4
+}
+fn default_delay() -> u64 {
+    500
+}
+fn default_pulse() -> u64 {
+    100
+}
+
+impl StationConfig {
+    /// Parses and checks a station file; relative paths are taken from `base` (the file's
+    /// folder). Errors name the key.
+    pub fn from_toml(text: &str, base: &Path) -> Result<StationConfig> {
+        let mut c: StationConfig =
+            toml::from_str(text).map_err(|e| GatewayError::Config(e.to_string()))?;
+        let rebase = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        rebase(&mut c.inspection.model);
+        rebase(&mut c.spool.dir);
+        for cam in &mut c.cameras {
+            if let Some(p) = cam.path.as_mut() {
+                rebase(p);
+            }
+        }
+        if let Some(p) = c.reject.path.as_mut() {
+            rebase(p);
+        }
+        if let Some(p) = c.commands.models_dir.as_mut() {
+            rebase(p);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: String, why: &str| Err(GatewayError::Config(format!("{key}: {why}")));
+        if self.cameras.is_empty() {
+            return bad("cameras".into(), "at least one [[cameras]] entry is needed");
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, cam) in self.cameras.iter().enumerate() {
+            let key = |k: &str| format!("cameras[{i}].{k}");
+            if !names.insert(cam.name.as_str()) {
+                return bad(key("name"), "used twice");
+            }
+            if !(cam.fps.is_finite() && cam.fps > 0.0 && cam.fps <= 1000.0) {
+                return bad(key("fps"), "must be between 0 and 1000");
+            }
+            match cam.kind {
+                SourceKind::Folder if cam.path.is_none() => {
+                    return bad(key("path"), "a folder source needs a folder or glob")
+                }
+                SourceKind::Camera => {
+                    return bad(
+                        key("kind"),
+                        "camera sources need the `camera` feature, which is not built yet; use kind = \"folder\"",
+                    )
+                }
+                _ => {}
+            }
+        }
+        if self.inspection.queue == 0 {
+            return bad("inspection.queue".into(), "must be at least 1");
+        }
+        if let Some(t) = self.inspection.threshold {
+            if !(t.is_finite() && t > 0.0) {
+                return bad("inspection.threshold".into(), "must be a positive number");
+            }
+        }
+        if self.reject.kind == RejectKind::File && self.reject.path.is_none() {
+            return bad("reject.path".into(), "kind = \"file\" needs a path");
+        }
+        self.gateway().validate()
+    }
+
+    /// The gateway's part of the configuration.
+    pub fn gateway(&self) -> GatewayConfig {
+        GatewayConfig {
+            mqtt: self.mqtt.clone(),
+            spool: self.spool.clone(),
+            samples: self.samples.clone(),
+            telemetry: self.telemetry.clone(),
+            commands: self.commands.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_parses() {
+        let c = StationConfig::from_toml(DEFAULT_STATION, Path::new("/repo")).unwrap();
+        assert_eq!(c.cameras.len(), 1);
+        assert!(c.inspection.model.starts_with("/repo"));
+        assert_eq!(c.mqtt.host, "embedded");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let with = |from: &str, to: &str| {
+            assert!(DEFAULT_STATION.contains(from), "{from}");
+            let text = DEFAULT_STATION.replacen(from, to, 1);
+            StationConfig::from_toml(&text, Path::new("/"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(with("fps = 2.0", "fps = -1.0").contains("cameras[0].fps"));
+        assert!(with("kind = \"folder\"", "kind = \"camera\"").contains("cameras[0].kind"));
+        assert!(with("queue = 4", "queue = 0").contains("inspection.queue"));
+        assert!(with("fail_safe = \"reject_all\"", "fail_safe = \"maybe\"").contains("fail_safe"));
+        assert!(with("[station]", "[station]\ncolour = 1").contains("colour"));
+    }
+}

@@ -1,0 +1,689 @@
+//! The station daemon: camera → inspection → decision → reject signal → MQTT.
+//!
+//! Threads: one capture thread per camera pushes frames into a bounded queue (oldest dropped
+//! when inference falls behind); one inspection thread runs the model (tract uses the board's
+//! threads inside), decides, publishes the result through the gateway spool, schedules the
+//! reject pulse and picks samples; one actuator thread fires pulses at capture time + the
+//! conveyor delay. Commands (pause, threshold, capture now, new model) arrive from the gateway.
+
+pub mod config;
+pub mod parts;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use neo_runtime::anomaly::Verdict;
+use neo_runtime::Model;
+use serde_json::json;
+
+use crate::command::Action;
+use crate::deploy::Slots;
+use crate::message::{now_ms, Class};
+use crate::{Gateway, GatewayError, Result};
+use config::{StationConfig, Trigger};
+use parts::{Frame, FrameQueue, ModelKind, Window};
+
+/// How a run ends (besides SIGTERM / Ctrl-C).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop after this many frames were inspected.
+    pub max_frames: Option<u64>,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+    /// One line per result on stdout.
+    pub print: bool,
+}
+
+/// Totals of a run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Summary {
+    pub frames: u64,
+    pub ok: u64,
+    pub ng: u64,
+    pub fail_safe: u64,
+    pub dropped: u64,
+    pub rejects: u64,
+    pub late_rejects: u64,
+    pub seconds: f64,
+    pub frames_per_s: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p99: f64,
+    pub spool_queued_at_exit: u64,
+}
+
+struct LoadedModel {
+    model: Model,
+    kind: ModelKind,
+    name: String,
+    path: PathBuf,
+}
+
+/// State shared by the station's threads.
+struct Shared {
+    config: StationConfig,
+    gateway: Gateway,
+    model: RwLock<Result<Arc<LoadedModel>, String>>,
+    /// f32 bits; 0 = the model kind's default.
+    threshold: AtomicU32,
+    paused: AtomicBool,
+    stop: AtomicBool,
+    capture_now: AtomicU64,
+    queue: FrameQueue,
+    summary: Mutex<Summary>,
+    latency: Mutex<[Window; 5]>,
+    started: Instant,
+}
+
+fn load_model(path: &std::path::Path, threads: Option<usize>) -> Result<LoadedModel, String> {
+    let model = Model::load_with_threads(path, threads).map_err(|e| e.to_string())?;
+    let kind = parts::model_kind(&model);
+    let name = model.manifest().name.clone();
+    Ok(LoadedModel {
+        model,
+        kind,
+        name,
+        path: path.to_path_buf(),
+    })
+}
+
+impl Shared {
+    fn threshold(&self, kind: ModelKind) -> f32 {
+        match f32::from_bits(self.threshold.load(Ordering::Relaxed)) {
+            t if t > 0.0 && t.is_finite() => t,
+            _ => self
+                .config
+                .inspection
+                .threshold
+                .unwrap_or_else(|| parts::default_threshold(kind)),
+        }
+    }
+
+    fn current_model(&self) -> Result<Arc<LoadedModel>, String> {
+        match self.model.read() {
+            Ok(m) => m.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn summary(&self) -> std::sync::MutexGuard<'_, Summary> {
+        self.summary.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Starts an embedded broker when `mqtt.host = "embedded"`; returns the address to print.
+fn broker_address(config: &mut StationConfig) -> Result<String> {
+    if config.mqtt.host != "embedded" {
+        return Ok(format!("{}:{}", config.mqtt.host, config.mqtt.port));
+    }
+    #[cfg(feature = "embedded-broker")]
+    {
+        let port = config.mqtt.port;
+        embedded_broker(port)?;
+        config.mqtt.host = "127.0.0.1".into();
+        Ok(format!("127.0.0.1:{port}"))
+    }
+    #[cfg(not(feature = "embedded-broker"))]
+    Err(GatewayError::Config(
+        "mqtt.host = \"embedded\" needs the `embedded-broker` feature; set mqtt.host to a broker"
+            .into(),
+    ))
+}
+
+/// An in-process rumqttd on 127.0.0.1:port (MQTT 3.1.1), for demos.
+#[cfg(feature = "embedded-broker")]
+pub fn embedded_broker(port: u16) -> Result<()> {
+    if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+        return Err(GatewayError::Config(format!(
+            "mqtt.port {port}: cannot start the embedded broker ({e}); is another broker running? Set mqtt.port, or mqtt.host to that broker"
+        )));
+    }
+    let text = format!(
+        r#"
+id = 0
+[router]
+max_connections = 64
+max_outgoing_packet_count = 200
+max_segment_size = 10485760
+max_segment_count = 10
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:{port}"
+next_connection_delay_ms = 1
+[v4.1.connections]
+connection_timeout_ms = 60000
+max_payload_size = 1048576
+max_inflight_count = 200
+dynamic_filters = true
+"#
+    );
+    let config: rumqttd::Config =
+        toml::from_str(&text).map_err(|e| GatewayError::Config(format!("embedded broker: {e}")))?;
+    std::thread::Builder::new()
+        .name("neo-broker".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                eprintln!("neo-gateway: embedded broker stopped: {e}");
+            }
+        })
+        .map_err(|e| GatewayError::Io {
+            context: "cannot start the embedded broker".into(),
+            source: e,
+        })?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            return Err(GatewayError::Config(format!(
+                "the embedded broker did not open 127.0.0.1:{port}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Runs a station until SIGTERM/SIGINT, or the limits in `opts`. Configuration errors are
+/// returned before anything starts; a model that does not load or a camera that fails puts
+/// the station in its fail-safe mode instead.
+pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
+    config.validate()?;
+    let broker = broker_address(&mut config)?;
+    let (gateway, link, commands) = Gateway::start(config.gateway())?;
+
+    // A deployed (and confirmed) model wins over the configured one.
+    let slots = Slots::open(&config.gateway().models_dir())?;
+    let model_path = match slots.active()? {
+        Some(active) => active.path,
+        None => config.inspection.model.clone(),
+    };
+    let model = load_model(&model_path, config.inspection.threads).map(Arc::new);
+    match &model {
+        Ok(m) => eprintln!(
+            "station {}: model {} ({:?}, {} threads) from {}",
+            config.station.name,
+            m.name,
+            m.kind,
+            m.model.threads(),
+            m.path.display()
+        ),
+        Err(e) => {
+            eprintln!(
+                "error: the model {} cannot be used: {e}\n       the station runs in fail-safe mode ({:?}) until a model is deployed",
+                model_path.display(),
+                config.station.fail_safe
+            );
+            gateway.publish(
+                Class::Alarm,
+                json!({ "alarm": "model_unavailable", "model": model_path, "error": e, "fail_safe": format!("{:?}", config.station.fail_safe) }),
+            )?;
+        }
+    }
+    let metrics = config
+        .telemetry
+        .metrics_addr
+        .clone()
+        .map(|a| format!("http://{a}/metrics"))
+        .unwrap_or_else(|| "(telemetry.metrics_addr not set)".into());
+    let base = gateway.topics().base().to_string();
+    eprintln!(
+        "watch: neo-gateway watch --broker {broker}   (or: mosquitto_sub -h {} -p {} -t '{base}/#' -v)\nmetrics: {metrics}",
+        config.mqtt.host, config.mqtt.port
+    );
+
+    let shared = Arc::new(Shared {
+        queue: FrameQueue::new(config.inspection.queue),
+        config,
+        gateway: gateway.clone(),
+        model: RwLock::new(model),
+        threshold: AtomicU32::new(0),
+        paused: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        capture_now: AtomicU64::new(0),
+        summary: Mutex::new(Summary::default()),
+        latency: Mutex::new(std::array::from_fn(|_| Window::new(200))),
+        started: Instant::now(),
+    });
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| GatewayError::Io {
+            context: "cannot start the async runtime".into(),
+            source: e,
+        })?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let link_task = rt.spawn(link.run(stop_rx.clone()));
+    let telemetry_gateway = gateway.clone();
+    let telemetry_rx = stop_rx.clone();
+    let telemetry_task =
+        rt.spawn(async move { telemetry_gateway.run_telemetry(telemetry_rx).await });
+    rt.spawn(command_loop(shared.clone(), commands, slots));
+
+    let (reject_tx, reject_rx) = mpsc::channel::<(Instant, String)>();
+    let actuator = {
+        let shared = shared.clone();
+        spawn("neo-reject", move || actuator(shared, reject_rx))?
+    };
+    let inspector = {
+        let shared = shared.clone();
+        let print = opts.print;
+        spawn("neo-inspect", move || {
+            inspect_loop(shared, reject_tx, print)
+        })?
+    };
+    let cameras: Vec<JoinHandle<()>> = shared
+        .config
+        .cameras
+        .iter()
+        .cloned()
+        .map(|cam| {
+            let shared = shared.clone();
+            spawn(&format!("neo-cam-{}", cam.name), move || {
+                capture(shared, cam)
+            })
+        })
+        .collect::<Result<_>>()?;
+
+    // Wait for a signal or a limit.
+    let deadline = opts.duration.map(|d| Instant::now() + d);
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        loop {
+            let frames = shared.summary().frames;
+            if opts.max_frames.is_some_and(|m| frames >= m)
+                || deadline.is_some_and(|d| Instant::now() >= d)
+                || shared.stop.load(Ordering::Relaxed)
+            {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => { eprintln!("interrupted: stopping"); break; }
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {
+                    eprintln!("SIGTERM: stopping"); break;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    });
+
+    // Graceful stop: no new frames, finish the queued ones, fire due pulses, flush the spool,
+    // send what the broker will take, say offline.
+    shared.stop.store(true, Ordering::Relaxed);
+    for c in cameras {
+        let _ = c.join();
+    }
+    shared.queue.close();
+    let _ = inspector.join();
+    let _ = actuator.join();
+    gateway.flush()?;
+    let _ = stop_tx.send(true);
+    let _ = rt.block_on(link_task);
+    let _ = rt.block_on(telemetry_task);
+    let mut summary = shared.summary().clone();
+    summary.dropped = shared.queue.dropped.load(Ordering::Relaxed);
+    summary.seconds = shared.started.elapsed().as_secs_f64();
+    summary.frames_per_s = summary.frames as f64 / summary.seconds.max(1e-9);
+    if let Ok(l) = shared.latency.lock() {
+        summary.latency_ms_p50 = l[4].quantile(0.5);
+        summary.latency_ms_p99 = l[4].quantile(0.99);
+    }
+    summary.spool_queued_at_exit = gateway.spool().queued();
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(summary)
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| GatewayError::Io {
+            context: format!("cannot start thread {name}"),
+            source: e,
+        })
+}
+
+fn capture(shared: Arc<Shared>, cam: config::CameraConfig) {
+    let Some(path) = cam.path.clone() else { return };
+    let mut source = parts::FolderSource::new(&path, cam.repeat);
+    let period = Duration::from_secs_f64(1.0 / cam.fps);
+    let mut next_due = Instant::now();
+    let mut index = 0u64;
+    let mut failing: Option<String> = None;
+    let mut triggers_seen = shared.capture_now.load(Ordering::Relaxed);
+    while !shared.stop.load(Ordering::Relaxed) {
+        let mut sample = false;
+        match cam.trigger {
+            Trigger::FreeRun => {
+                let now = Instant::now();
+                if now < next_due {
+                    std::thread::sleep((next_due - now).min(Duration::from_millis(50)));
+                    continue;
+                }
+                next_due += period;
+                if next_due < now {
+                    next_due = now + period; // fell behind: do not burst
+                }
+                let t = shared.capture_now.load(Ordering::Relaxed);
+                if t != triggers_seen {
+                    triggers_seen = t;
+                    sample = true;
+                }
+            }
+            Trigger::Software => {
+                let t = shared.capture_now.load(Ordering::Relaxed);
+                if t == triggers_seen {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                triggers_seen = t;
+                sample = true;
+            }
+        }
+        if shared.paused.load(Ordering::Relaxed) {
+            continue;
+        }
+        let t0 = Instant::now();
+        let captured_ms = now_ms();
+        let (name, image) = match source.next_frame() {
+            Ok(Some((name, img))) => {
+                if let Some(why) = failing.take() {
+                    eprintln!("camera {}: recovered (was: {why})", cam.name);
+                    let _ = shared.gateway.publish(
+                        Class::Alarm,
+                        json!({ "alarm": "camera_recovered", "camera": cam.name }),
+                    );
+                }
+                (name, Ok(img))
+            }
+            Ok(None) => {
+                eprintln!("camera {}: no more images", cam.name);
+                shared.stop.store(true, Ordering::Relaxed);
+                break;
+            }
+            Err(e) => {
+                if failing.is_none() {
+                    eprintln!("camera {}: {e}", cam.name);
+                    let _ = shared.gateway.publish(
+                        Class::Alarm,
+                        json!({ "alarm": "camera_failed", "camera": cam.name, "error": e, "fail_safe": format!("{:?}", shared.config.station.fail_safe) }),
+                    );
+                }
+                failing = Some(e.clone());
+                (String::new(), Err(format!("camera {}: {e}", cam.name)))
+            }
+        };
+        shared.queue.push(Frame {
+            camera: cam.name.clone(),
+            index,
+            name,
+            image,
+            captured: t0,
+            captured_ms,
+            capture_ms: t0.elapsed().as_secs_f64() * 1e3,
+            sample,
+        });
+        index += 1;
+    }
+}
+
+fn inspect_loop(shared: Arc<Shared>, rejects: mpsc::Sender<(Instant, String)>, print: bool) {
+    let cfg = &shared.config;
+    while let Some(frame) = shared.queue.pop() {
+        let dequeued = Instant::now();
+        let queue_ms = (dequeued - frame.captured).as_secs_f64() * 1e3 - frame.capture_ms;
+        let model = shared.current_model();
+        let (decision, stages, model_name) = match (&frame.image, &model) {
+            (Ok(img), Ok(m)) => {
+                let threshold = shared.threshold(m.kind);
+                match parts::inspect(&m.model, img, threshold, &cfg.inspection.ng_labels) {
+                    Ok((d, stages)) => (d, stages, Some(m.name.clone())),
+                    Err(e) => (
+                        parts::fail_safe(
+                            cfg.station.fail_safe,
+                            &format!("model failed: {e}"),
+                            threshold,
+                        ),
+                        [0.0; 3],
+                        Some(m.name.clone()),
+                    ),
+                }
+            }
+            (Err(e), m) => {
+                let t = m
+                    .as_ref()
+                    .map(|m| shared.threshold(m.kind))
+                    .unwrap_or(f32::NAN);
+                (
+                    parts::fail_safe(cfg.station.fail_safe, e, t),
+                    [0.0; 3],
+                    None,
+                )
+            }
+            (Ok(_), Err(e)) => (
+                parts::fail_safe(
+                    cfg.station.fail_safe,
+                    &format!("model unavailable: {e}"),
+                    f32::NAN,
+                ),
+                [0.0; 3],
+                None,
+            ),
+        };
+        let total_ms = frame.captured.elapsed().as_secs_f64() * 1e3;
+        let part = format!("{}-{:06}", frame.camera, frame.index);
+        let ng = decision.verdict == Verdict::Ng;
+        let failed = decision.score.is_nan();
+        if ng {
+            let due = frame.captured + Duration::from_millis(cfg.reject.delay_ms);
+            let _ = rejects.send((due, part.clone()));
+        }
+        let result = json!({
+            "station": cfg.station.name,
+            "camera": frame.camera,
+            "part": part,
+            "frame": frame.index,
+            "image": frame.name,
+            "model": model_name,
+            "verdict": decision.verdict,
+            "score": if failed { None } else { Some(decision.score) },
+            "raw_score": if failed { None } else { Some(decision.raw_score) },
+            "threshold": decision.threshold,
+            "reason": decision.reason,
+            "label": decision.label,
+            "regions": decision.regions,
+            "fail_safe": failed,
+            "captured_ms": frame.captured_ms,
+            "latency_ms": {
+                "capture": frame.capture_ms,
+                "queue": queue_ms.max(0.0),
+                "preprocess": stages[0],
+                "inference": stages[1],
+                "decide": stages[2],
+                "total": total_ms,
+            },
+        });
+        if let Err(e) = shared.gateway.publish(Class::Inspection, result.clone()) {
+            eprintln!("error: cannot spool a result: {e}");
+        }
+        if let Ok(img) = &frame.image {
+            let reason = if frame.sample {
+                Some("capture_now")
+            } else if failed {
+                None
+            } else {
+                cfg.samples.choose(ng, decision.score).map(|r| r.name())
+            };
+            if let Some(reason) = reason {
+                let mut meta = result.clone();
+                meta["reason_sampled"] = json!(reason);
+                match crate::samples::encode_jpeg(img, 85)
+                    .and_then(|jpeg| shared.gateway.publish_sample("image/jpeg", &jpeg, meta))
+                {
+                    Ok(_) => {}
+                    Err(e) => eprintln!("warning: sample of {part} not sent: {e}"),
+                }
+            }
+        }
+        if print {
+            println!(
+                "{part}  {:<28} {:>2}  {:>6}  {:>7.1} ms  {}",
+                frame.name,
+                if ng { "NG" } else { "OK" },
+                if failed {
+                    "-".to_string()
+                } else {
+                    format!("{:.2}", decision.score)
+                },
+                total_ms,
+                decision.reason
+            );
+        }
+        {
+            let mut s = shared.summary();
+            s.frames += 1;
+            if failed {
+                s.fail_safe += 1;
+            }
+            if ng {
+                s.ng += 1;
+            } else {
+                s.ok += 1;
+            }
+        }
+        let totals = shared.summary().clone();
+        let fps = totals.frames as f64 / shared.started.elapsed().as_secs_f64().max(1e-9);
+        if let Ok(mut l) = shared.latency.lock() {
+            for (w, v) in
+                l.iter_mut()
+                    .zip([queue_ms.max(0.0), stages[0], stages[1], stages[2], total_ms])
+            {
+                w.push(v);
+            }
+            let q = |i: usize, p: f64| l[i].quantile(p);
+            shared.gateway.set_app_metrics(vec![
+                ("frames_per_s".into(), fps),
+                ("frames_total".into(), totals.frames as f64),
+                (
+                    "frames_dropped_total".into(),
+                    shared.queue.dropped.load(Ordering::Relaxed) as f64,
+                ),
+                ("queue_depth".into(), shared.queue.len() as f64),
+                ("ng_total".into(), totals.ng as f64),
+                ("fail_safe_total".into(), totals.fail_safe as f64),
+                ("preprocess_ms_p50".into(), q(1, 0.5)),
+                ("preprocess_ms_p99".into(), q(1, 0.99)),
+                ("inference_ms_p50".into(), q(2, 0.5)),
+                ("inference_ms_p99".into(), q(2, 0.99)),
+                ("latency_ms_p50".into(), q(4, 0.5)),
+                ("latency_ms_p99".into(), q(4, 0.99)),
+            ]);
+        }
+    }
+}
+
+fn actuator(shared: Arc<Shared>, rx: mpsc::Receiver<(Instant, String)>) {
+    let mut out = parts::reject_output(&shared.config.reject);
+    let pulse = Duration::from_millis(shared.config.reject.pulse_ms);
+    // Pulses come in capture order with one delay, so they are due in order.
+    while let Ok((due, part)) = rx.recv() {
+        let now = Instant::now();
+        let late = now > due + Duration::from_millis(20);
+        if let Some(wait) = due.checked_duration_since(now) {
+            std::thread::sleep(wait);
+        }
+        if late {
+            eprintln!(
+                "warning: reject for {part} is {} ms late: inference is slower than the conveyor delay",
+                (now - due).as_millis()
+            );
+        }
+        match out.pulse(&part, pulse) {
+            Ok(()) => {
+                let mut s = shared.summary();
+                s.rejects += 1;
+                if late {
+                    s.late_rejects += 1;
+                }
+            }
+            Err(e) => {
+                eprintln!("error: reject output {}: {e}", out.describe());
+                let _ = shared.gateway.publish(
+                    Class::Alarm,
+                    json!({ "alarm": "reject_failed", "part": part, "error": e }),
+                );
+            }
+        }
+    }
+}
+
+async fn command_loop(shared: Arc<Shared>, mut commands: crate::command::Commands, slots: Slots) {
+    let g = shared.gateway.clone();
+    while let Some(cmd) = commands.recv().await {
+        let id = Some(cmd.id.as_str());
+        match cmd.action {
+            Action::Pause => {
+                shared.paused.store(true, Ordering::Relaxed);
+                g.ack(id, "pause", true, "paused");
+            }
+            Action::Resume => {
+                shared.paused.store(false, Ordering::Relaxed);
+                g.ack(id, "resume", true, "inspecting");
+            }
+            Action::SetThreshold { value, .. } => {
+                shared.threshold.store(value.to_bits(), Ordering::Relaxed);
+                g.ack(id, "set_threshold", true, &format!("threshold {value}"));
+            }
+            Action::CaptureNow => {
+                shared.capture_now.fetch_add(1, Ordering::Relaxed);
+                g.ack(
+                    id,
+                    "capture_now",
+                    true,
+                    "the next frame is sent as a sample",
+                );
+            }
+            Action::ModelActivated { path, name, .. } => {
+                let threads = shared.config.inspection.threads;
+                let p = path.clone();
+                let loaded = tokio::task::spawn_blocking(move || load_model(&p, threads)).await;
+                match loaded {
+                    Ok(Ok(m)) => {
+                        match shared.model.write() {
+                            Ok(mut slot) => *slot = Ok(Arc::new(m)),
+                            Err(p) => *p.into_inner() = Ok(Arc::new(m)),
+                        }
+                        let confirmed = slots.confirm();
+                        g.ack(
+                            id,
+                            "deploy",
+                            confirmed.is_ok(),
+                            &match confirmed {
+                                Ok(()) => format!("{name} is inspecting"),
+                                Err(e) => format!("{name} runs but could not be confirmed: {e}"),
+                            },
+                        );
+                    }
+                    other => {
+                        let why = match other {
+                            Ok(Err(e)) => e,
+                            Err(e) => e.to_string(),
+                            Ok(Ok(_)) => String::new(),
+                        };
+                        let back = slots.rollback();
+                        g.ack(
+                            id,
+                            "deploy",
+                            false,
+                            &format!("{name} failed to load ({why}); rolled back: {back:?}"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
