@@ -1,16 +1,15 @@
 //! The gateway against a real Mosquitto (Debian package `mosquitto`, installed by `.ci/run`),
-//! started on a free loopback port, stopped and restarted as each test needs.
+//! started on a free loopback port, stopped and restarted as each test needs (helpers in
+//! `neo-e2e`, shared with the end-to-end tests).
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use neo_e2e::{free_port, Broker, Subscriber};
-use neo_gateway::{Class, Gateway, GatewayConfig, ReceivedEnvelope};
+use neo_e2e::{free_port, Broker, ReceivedEnvelope, Subscriber};
+use neo_gateway::{Class, Gateway, GatewayConfig};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 fn gateway_bin() -> &'static str {
