@@ -105,6 +105,8 @@ pub(crate) struct Shared {
 pub struct Gateway {
     shared: Arc<Shared>,
     ops: SyncSender<Op>,
+    /// Set by the spool writer once it stopped and let go of the spool.
+    writer_done: Arc<(Mutex<bool>, std::sync::Condvar)>,
 }
 
 /// How many messages may wait for the spool writer before `publish` blocks.
@@ -137,14 +139,25 @@ impl Gateway {
         });
         let (ops, rx) = mpsc::sync_channel(WRITER_QUEUE);
         let writer_shared = shared.clone();
+        let writer_done = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let done = writer_done.clone();
         std::thread::Builder::new()
             .name("neo-spool".into())
-            .spawn(move || writer(writer_shared, rx))
+            .spawn(move || {
+                writer(writer_shared, rx);
+                let (flag, cv) = &*done;
+                *flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                cv.notify_all();
+            })
             .map_err(|e| GatewayError::Io {
                 context: "cannot start the spool writer thread".into(),
                 source: e,
             })?;
-        let gateway = Gateway { shared, ops };
+        let gateway = Gateway {
+            shared,
+            ops,
+            writer_done,
+        };
         let (link, commands) = link::Link::new(gateway.clone())?;
         Ok((gateway, link, commands))
     }
@@ -197,6 +210,28 @@ impl Gateway {
             Ok(Err(e)) => Err(GatewayError::Stopped(format!("spool write failed: {e}"))),
             Err(_) => Err(GatewayError::Stopped("the spool writer has stopped".into())),
         }
+    }
+
+    /// Drops this handle and waits (up to `timeout`) until the spool writer has committed
+    /// everything and closed the spool, so another gateway can open it. Only useful when this
+    /// is the last handle (the link and every clone are gone); false on timeout.
+    pub fn close(self, timeout: Duration) -> bool {
+        let done = self.writer_done.clone();
+        drop(self);
+        let (flag, cv) = &*done;
+        let mut closed = flag.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = Instant::now() + timeout;
+        while !*closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            closed = cv
+                .wait_timeout(closed, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        true
     }
 
     /// Waits until the broker acknowledged everything in the spool, or the timeout passes.

@@ -111,3 +111,238 @@ fn bottle_detector_from_good_images_reaches_auroc_099() {
         report.image_auroc
     );
 }
+
+// ---- The station daemon end to end: real Mosquitto, folder camera, compiled model ----
+
+mod station {
+    use super::repo;
+    use neo_e2e::{Broker, Subscriber};
+    use neo_gateway::station::{self, config::StationConfig, RunOptions};
+    use std::path::Path;
+    use std::time::Duration;
+
+    /// The shipped bottle classifier, compiled for x86_64.
+    fn compiled_classifier(dir: &Path) -> std::path::PathBuf {
+        let out = dir.join("bottle.neo");
+        neoc::compile(
+            &neoc::CompileOptions {
+                model: repo().join("models/bottle-classifier/model.onnx"),
+                target: "x86_64".into(),
+                output: out.clone(),
+                ..Default::default()
+            },
+            &neo_boards::Boards::shipped(),
+        )
+        .unwrap();
+        out
+    }
+
+    fn station_toml(dir: &Path, port: u16, frames: &str, extra_camera: &str) -> StationConfig {
+        let text = format!(
+            r#"
+[station]
+name = "e2e"
+fail_safe = "reject_all"
+[[cameras]]
+name = "cam0"
+path = "{frames}"
+fps = 10.0
+{extra_camera}
+[inspection]
+model = "bottle.neo"
+ng_labels = ["defect"]
+queue = 16
+[reject]
+kind = "file"
+path = "rejects.jsonl"
+delay_ms = 300
+pulse_ms = 50
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+site = "e2e"
+line = "l1"
+device = "st1"
+reconnect_min_ms = 50
+reconnect_max_ms = 500
+[spool]
+dir = "spool"
+[samples]
+ok_fraction = 0.0
+"#
+        );
+        StationConfig::from_toml(&text, dir).unwrap()
+    }
+
+    fn copy_samples(to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(repo().join("models/samples")).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+
+    #[test]
+    fn every_part_gets_one_result_and_each_ng_a_delayed_reject() {
+        let dir = tempfile::tempdir().unwrap();
+        compiled_classifier(dir.path());
+        copy_samples(&dir.path().join("frames"));
+        let broker = Broker::start();
+        let sub = Subscriber::start(broker.port, "e2e-sub", "neo/e2e/l1/st1/#");
+        let config = station_toml(dir.path(), broker.port, "frames", "loop = false");
+        let summary = station::run(
+            config,
+            RunOptions {
+                duration: Some(Duration::from_secs(60)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(summary.frames, 5, "{summary:?}");
+        assert_eq!((summary.ng, summary.ok, summary.fail_safe), (3, 2, 0));
+        assert_eq!(summary.dropped, 0);
+        assert_eq!(summary.spool_queued_at_exit, 0, "results left undelivered");
+
+        let results = sub.wait_for("inspection", 5, Duration::from_secs(10));
+        assert_eq!(results.len(), 5, "exactly one result per image");
+        let mut ng_parts = Vec::new();
+        for r in &results {
+            let image = r.data["image"].as_str().unwrap();
+            let expected = if image.contains("good") { "OK" } else { "NG" };
+            assert_eq!(r.data["verdict"], expected, "{image}: {}", r.data);
+            assert!(r.data["latency_ms"]["inference"].as_f64().unwrap() > 0.0);
+            if expected == "NG" {
+                ng_parts.push((
+                    r.data["part"].as_str().unwrap().to_string(),
+                    r.data["captured_ms"].as_u64().unwrap(),
+                ));
+            }
+        }
+        let pulses: Vec<serde_json::Value> =
+            std::fs::read_to_string(dir.path().join("rejects.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+        assert_eq!(pulses.len(), ng_parts.len(), "{pulses:?}");
+        for (part, captured) in ng_parts {
+            let p = pulses.iter().find(|p| p["part"] == part.as_str()).unwrap();
+            let after = p["ts_ms"].as_u64().unwrap() - captured;
+            assert!(
+                (300..1000).contains(&after),
+                "{part}: pulse {after} ms after capture"
+            );
+        }
+        // NG frames went out as samples too.
+        let samples = sub
+            .got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t.contains("/samples/"))
+            .count();
+        assert_eq!(samples, 3);
+    }
+
+    #[test]
+    fn corrupt_model_and_vanished_camera_fail_safe_and_a_dead_broker_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        copy_samples(&dir.path().join("frames"));
+        // A corrupt artifact: the station starts, says why, and rejects every part.
+        std::fs::write(dir.path().join("bottle.neo"), b"this is not an artifact").unwrap();
+        let mut broker = Broker::start();
+        broker.stop(); // the broker is down for the whole first run
+        let config = station_toml(dir.path(), broker.port, "frames", "loop = false");
+        let summary = station::run(
+            config.clone(),
+            RunOptions {
+                duration: Some(Duration::from_secs(30)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (summary.frames, summary.ng, summary.fail_safe),
+            (5, 5, 5),
+            "{summary:?}"
+        );
+        assert!(
+            summary.spool_queued_at_exit >= 6,
+            "results and the alarm wait in the spool: {summary:?}"
+        );
+
+        // The broker comes back; the next run (a camera that only takes frames on command)
+        // delivers what the first one spooled.
+        broker.restart();
+        let sub = Subscriber::start(broker.port, "e2e-sub2", "neo/e2e/l1/st1/#");
+        compiled_classifier(dir.path());
+        let idle = station_toml(dir.path(), broker.port, "frames", "trigger = \"software\"");
+        station::run(
+            idle,
+            RunOptions {
+                duration: Some(Duration::from_secs(3)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let results = sub.wait_for("inspection", 5, Duration::from_secs(10));
+        assert_eq!(results.len(), 5);
+        assert!(results
+            .iter()
+            .all(|r| r.data["fail_safe"] == true && r.data["verdict"] == "NG"));
+        assert!(results[0].data["reason"]
+            .as_str()
+            .unwrap()
+            .contains("model unavailable"));
+        let alarms = sub.envelopes("alarm");
+        assert!(
+            alarms
+                .iter()
+                .any(|a| a.data["alarm"] == "model_unavailable"),
+            "{alarms:?}"
+        );
+
+        // The camera folder vanishes mid-run and comes back: parts in between are rejected
+        // (fail-safe), then inspection resumes.
+        let frames = dir.path().join("frames");
+        let hidden = dir.path().join("frames-away");
+        let running = {
+            let config = station_toml(dir.path(), broker.port, "frames", "loop = true");
+            std::thread::spawn(move || {
+                station::run(
+                    config,
+                    RunOptions {
+                        duration: Some(Duration::from_secs(4)),
+                        ..Default::default()
+                    },
+                )
+            })
+        };
+        std::thread::sleep(Duration::from_millis(1200));
+        std::fs::rename(&frames, &hidden).unwrap();
+        std::thread::sleep(Duration::from_millis(1000));
+        std::fs::rename(&hidden, &frames).unwrap();
+        let summary = running.join().unwrap().unwrap();
+        assert!(summary.fail_safe >= 3, "{summary:?}");
+        assert!(summary.ok >= 2, "{summary:?}");
+        let alarms = sub.wait_for("alarm", 3, Duration::from_secs(10));
+        assert!(
+            alarms.iter().any(|a| a.data["alarm"] == "camera_failed"),
+            "{alarms:?}"
+        );
+        assert!(
+            alarms.iter().any(|a| a.data["alarm"] == "camera_recovered"),
+            "{alarms:?}"
+        );
+        let all = sub.wait_for(
+            "inspection",
+            5 + summary.frames as usize,
+            Duration::from_secs(10),
+        );
+        assert_eq!(
+            all.len() as u64,
+            5 + summary.frames,
+            "every part has its result"
+        );
+    }
+}

@@ -334,6 +334,10 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
     }
     summary.spool_queued_at_exit = gateway.spool().queued();
     rt.shutdown_timeout(Duration::from_secs(1));
+    drop(shared);
+    if !gateway.close(Duration::from_secs(5)) {
+        eprintln!("warning: the spool did not close within 5 s");
+    }
     Ok(summary)
 }
 
