@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job on embedded defaults: compile the shipped bottle classifier for a board and
-# classify the shipped sample images with the device runtime.
+# A working inspection line in one command: compile the shipped bottle classifier for a board,
+# then run the station on embedded defaults (station.toml): the shipped sample images replayed
+# as a camera, OK/NG per part, reject pulses, results over an in-process MQTT broker.
 #   ./scripts/demo.sh [BOARD]        (default board: x86_64; see `neoc boards`)
+# Runs until Ctrl-C; NEO_DEMO_SECONDS=N stops it after N seconds (CI does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 board=${1:-x86_64}
@@ -13,10 +15,12 @@ mkdir -p out
 echo "== neoc compile models/bottle-classifier/model.onnx --target $board -o out/bottle-classifier.neo"
 "$bin/neoc" compile models/bottle-classifier/model.onnx --target "$board" -o out/bottle-classifier.neo
 echo
-echo "== neoc inspect out/bottle-classifier.neo"
-"$bin/neoc" inspect out/bottle-classifier.neo
-echo
-echo "== neo-run classify out/bottle-classifier.neo models/samples/ --format text"
-"$bin/neo-run" classify out/bottle-classifier.neo models/samples/ --format text
-echo
-echo "(JSON lines for programs: neo-run classify out/bottle-classifier.neo models/samples/)"
+port=${NEO_DEMO_PORT:-1883}
+if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  echo "(port 1883 is taken; the embedded broker uses $port)"
+fi
+args=(run --mqtt-port "$port")
+if [ -n "${NEO_DEMO_SECONDS:-}" ]; then args+=(--duration "$NEO_DEMO_SECONDS"); fi
+echo "== neo-gateway ${args[*]}   (station.toml; in another terminal: $bin/neo-gateway watch --broker 127.0.0.1:$port)"
+exec "$bin/neo-gateway" "${args[@]}"

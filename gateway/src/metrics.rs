@@ -219,16 +219,22 @@ impl Gateway {
     /// on `telemetry.metrics_addr` (if set) until `shutdown` turns true.
     pub async fn run_telemetry(&self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
         let period = Duration::from_secs_f64(self.config().telemetry.interval_s);
-        let listener =
-            match &self.config().telemetry.metrics_addr {
-                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                    GatewayError::Io {
+        let listener = match &self.config().telemetry.metrics_addr {
+            // Telemetry over MQTT goes on without the local endpoint.
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    let e = GatewayError::Io {
                         context: format!("cannot listen on telemetry.metrics_addr {addr}"),
                         source: e,
-                    }
-                })?),
-                None => None,
-            };
+                    };
+                    eprintln!("warning: {e}; /metrics is off");
+                    self.stats().note_error(&e);
+                    None
+                }
+            },
+            None => None,
+        };
         let mut tick = tokio::time::interval(period);
         loop {
             tokio::select! {

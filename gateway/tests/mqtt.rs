@@ -805,3 +805,84 @@ fn telemetry_is_published_and_served_on_metrics() {
     run.rt.block_on(telemetry).unwrap().unwrap();
     run.shutdown();
 }
+
+#[test]
+fn the_station_daemon_drains_and_says_offline_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    neoc::compile(
+        &neoc::CompileOptions {
+            model: repo.join("models/bottle-classifier/model.onnx"),
+            target: "x86_64".into(),
+            output: dir.path().join("bottle.neo"),
+            ..Default::default()
+        },
+        &neo_boards::Boards::shipped(),
+    )
+    .unwrap();
+    let broker = Broker::start();
+    let sub = Subscriber::start(broker.port, "term-sub", "neo/site/line/termdev/#");
+    let config = dir.path().join("station.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[station]
+name = "term"
+[[cameras]]
+name = "cam0"
+path = "{samples}"
+fps = 8.0
+[inspection]
+model = "bottle.neo"
+ng_labels = ["defect"]
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+site = "site"
+line = "line"
+device = "termdev"
+[spool]
+dir = "spool"
+"#,
+            samples = repo.join("models/samples").display(),
+            port = broker.port
+        ),
+    )
+    .unwrap();
+    let child = Command::new(gateway_bin())
+        .args(["run", "--quiet", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    sub.wait_for("inspection", 6, Duration::from_secs(30));
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("SIGTERM: stopping"), "{log}");
+    let summary: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["spool_queued_at_exit"], 0, "{summary}");
+    let frames = summary["frames"].as_u64().unwrap();
+    let results = sub.wait_for("inspection", frames as usize, Duration::from_secs(5));
+    assert_eq!(
+        results.len() as u64,
+        frames,
+        "every inspected part was published"
+    );
+    let last: Vec<serde_json::Value> = sub
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| t.ends_with("/status"))
+        .map(|(_, p)| serde_json::from_slice(p).unwrap())
+        .collect();
+    assert_eq!(last.last().unwrap()["state"], "offline", "{last:?}");
+}

@@ -60,6 +60,9 @@ enum Cmd {
         /// No line per result on stdout.
         #[arg(long)]
         quiet: bool,
+        /// Override mqtt.port (e.g. when 1883 is taken).
+        #[arg(long)]
+        mqtt_port: Option<u16>,
     },
     /// Print what a station publishes, one line per message.
     Watch {
@@ -156,6 +159,7 @@ fn real_main() -> Result<()> {
             max_frames,
             duration,
             quiet,
+            mqtt_port,
         } => {
             use neo_gateway::station::{self, config::StationConfig};
             let config = match &config {
@@ -172,6 +176,10 @@ fn real_main() -> Result<()> {
                 )
                 .context("in the embedded default station")?,
             };
+            let mut config = config;
+            if let Some(port) = mqtt_port {
+                config.mqtt.port = port;
+            }
             let summary = station::run(
                 config,
                 station::RunOptions {
