@@ -73,6 +73,9 @@ enum Cmd {
         /// Stop after this many messages.
         #[arg(long)]
         count: Option<u64>,
+        /// One JSON object per message: {"rx_ms", "topic", "payload"} (for scripts).
+        #[arg(long)]
+        json: bool,
     },
     /// Publish synthetic inspection results until the stream holds COUNT, resuming after a
     /// crash where the spool left off, then wait until the broker has them all.
@@ -195,7 +198,8 @@ fn real_main() -> Result<()> {
             broker,
             filter,
             count,
-        } => watch(&broker, &filter, count),
+            json,
+        } => watch(&broker, &filter, count, json),
         Cmd::Loadgen {
             conn,
             count,
@@ -451,7 +455,7 @@ async fn plain_rumqttc(gateway: &Gateway, count: u64) -> Result<f64> {
     Ok(per_s)
 }
 
-fn watch(broker: &str, filter: &str, count: Option<u64>) -> Result<()> {
+fn watch(broker: &str, filter: &str, count: Option<u64>, json: bool) -> Result<()> {
     let (host, port) = broker
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
@@ -471,7 +475,24 @@ fn watch(broker: &str, filter: &str, count: Option<u64>) -> Result<()> {
                     eprintln!("watching {filter} on {broker} (Ctrl-C to stop)");
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    println!("{}", watch_line(&p.topic, &p.payload));
+                    if json {
+                        let payload = serde_json::from_slice::<serde_json::Value>(&p.payload)
+                            .unwrap_or_else(|_| {
+                                serde_json::Value::String(
+                                    String::from_utf8_lossy(&p.payload).into(),
+                                )
+                            });
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "rx_ms": neo_gateway::message::now_ms(),
+                                "topic": p.topic,
+                                "payload": payload,
+                            })
+                        );
+                    } else {
+                        println!("{}", watch_line(&p.topic, &p.payload));
+                    }
                     seen += 1;
                     if count.is_some_and(|c| seen >= c) {
                         return Ok(());
