@@ -28,8 +28,9 @@ pub struct Command {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// New decision threshold (normalized score units: 1.0 is the trained threshold) for one
-    /// model, or all when `model` is `None`.
+    /// New decision threshold in the model's own units (a detector's normalized score, 1.0 =
+    /// the trained threshold; a classifier's probability of its NG labels) for one model, or
+    /// all when `model` is `None`.
     SetThreshold {
         model: Option<String>,
         value: f32,
@@ -90,6 +91,13 @@ impl Gateway {
         }
     }
 }
+
+enum Source {
+    Bytes(Vec<u8>),
+    File(PathBuf),
+}
+
+static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 struct PendingDeploy {
     cmd_id: String,
@@ -259,15 +267,22 @@ impl Dispatcher {
         }
         match (field(body, "path"), field(body, "chunks")) {
             (Some(Value::String(path)), None) => {
-                let path = path.strip_prefix("file://").unwrap_or(path);
-                let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-                self.install(id.to_string(), spec, bytes);
+                let path = PathBuf::from(path.strip_prefix("file://").unwrap_or(path));
+                let meta = std::fs::metadata(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                if !meta.is_file() || meta.len() != size {
+                    return Err(format!(
+                        "{} is not a regular file of {size} bytes",
+                        path.display()
+                    ));
+                }
+                self.install(id.to_string(), spec, Source::File(path));
                 Ok(())
             }
             (None, Some(chunks)) => {
                 let chunks = chunks
                     .as_u64()
-                    .filter(|&c| c >= 1 && c <= size)
+                    .filter(|&c| c >= 1 && c <= size && c <= 1 << 20)
                     .ok_or("\"chunks\" must be a count of at least 1")?
                     as u32;
                 self.pending = Some(PendingDeploy {
@@ -315,7 +330,7 @@ impl Dispatcher {
         if pending.parts.len() == pending.chunks as usize {
             if let Some(p) = self.pending.take() {
                 let bytes: Vec<u8> = p.parts.into_values().flatten().collect();
-                self.install(p.cmd_id, p.spec, bytes);
+                self.install(p.cmd_id, p.spec, Source::Bytes(bytes));
             }
         }
         Ok(())
@@ -323,12 +338,29 @@ impl Dispatcher {
 
     /// Verifies, installs and health-checks on a thread of its own (loading a model takes a
     /// while), then acknowledges and tells the application.
-    fn install(&self, id: String, spec: DeploySpec, bytes: Vec<u8>) {
+    fn install(&self, id: String, spec: DeploySpec, source: Source) {
         let gateway = self.gateway.clone();
         let tx = self.tx.clone();
         let spawned = std::thread::Builder::new()
             .name("neo-deploy".into())
             .spawn(move || {
+                // One installation at a time: two would write the same slot.
+                let _one = INSTALLING.lock().unwrap_or_else(|p| p.into_inner());
+                let bytes = match source {
+                    Source::Bytes(b) => b,
+                    Source::File(path) => match std::fs::read(&path) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            gateway.ack(
+                                Some(&id),
+                                "deploy",
+                                false,
+                                &format!("cannot read {}: {e}", path.display()),
+                            );
+                            return;
+                        }
+                    },
+                };
                 let config = gateway.config();
                 let keys: Vec<_> = config
                     .commands

@@ -234,6 +234,9 @@ impl GatewayConfig {
         if !(self.spool.max_mb.is_finite() && self.spool.max_mb > 0.0) {
             return bad("spool.max_mb", "must be a positive number");
         }
+        if self.samples.max_bytes_per_s < 1024 {
+            return bad("samples.max_bytes_per_s", "must be at least 1024");
+        }
         if !(0.0..=1.0).contains(&self.samples.ok_fraction) {
             return bad("samples.ok_fraction", "must be between 0 and 1");
         }

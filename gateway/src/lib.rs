@@ -121,11 +121,17 @@ impl Gateway {
     pub fn start(config: GatewayConfig) -> Result<(Gateway, link::Link, command::Commands)> {
         config.validate()?;
         let topics = config.topics()?;
+        // What a message may carry once the base topic, the separator and the MQTT fixed
+        // header (at most 5 bytes), topic length and packet id are counted.
+        let max_payload = config
+            .mqtt
+            .max_packet_bytes
+            .saturating_sub(topics.base().len() + 1 + 9);
         let spool = Spool::open(
             &config.spool.dir,
             &config.mqtt.device,
             config.spool_max_bytes(),
-            config.mqtt.max_packet_bytes,
+            max_payload,
         )?;
         let shared = Arc::new(Shared {
             spool,
@@ -171,6 +177,15 @@ impl Gateway {
 
     /// Like [`Gateway::publish`] with a topic leaf of its own (under the device's base topic).
     pub fn publish_to(&self, class: Class, leaf: String, data: serde_json::Value) -> Result<()> {
+        if leaf.is_empty()
+            || leaf.len() > 1024
+            || leaf.contains(['+', '#', '\0'])
+            || leaf.starts_with('/')
+        {
+            return Err(GatewayError::Config(format!(
+                "topic leaf {leaf:?}: must be 1-1024 characters without '+', '#' or a leading '/'"
+            )));
+        }
         let msg = NewMessage {
             class,
             topic: leaf,

@@ -1,9 +1,10 @@
 //! The MQTT link: sends what the spool holds, removes what the broker acknowledged,
 //! reconnects with backoff and jitter, keeps the retained status, and receives commands.
 //!
-//! The spool is the only retry buffer. The link uses a clean MQTT session, so after a
-//! reconnect rumqttc replays nothing; the link rewinds each stream to its oldest queued
-//! message and sends again. A message whose PUBACK was lost with the connection is sent twice
+//! The spool is the only retry buffer. Each connection gets a fresh rumqttc client and event
+//! loop with a clean MQTT session, polled in a task of its own, so nothing of an old
+//! connection (queued requests, packet ids, buffered events, a packet-id collision) survives a
+//! reconnect; the link rewinds each stream to its oldest queued message and sends again. A message whose PUBACK was lost with the connection is sent twice
 //! (the subscriber sees the same `id` and `seq` again); none is lost.
 
 use std::collections::{HashMap, VecDeque};
@@ -12,10 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{
-    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
-    Transport,
+    AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::command::{self, Commands};
 use crate::config::{GatewayConfig, TlsConfig};
@@ -27,8 +27,14 @@ const DRAIN_ON_STOP: Duration = Duration::from_secs(2);
 
 pub struct Link {
     gateway: Gateway,
-    client: AsyncClient,
-    eventloop: EventLoop,
+    options: MqttOptions,
+    /// The current connection's client; `None` between connections.
+    client: Option<AsyncClient>,
+    /// Events of every connection, tagged with its number; events of an old one are ignored.
+    events_tx: mpsc::Sender<(u64, Result<Event, String>)>,
+    events: mpsc::Receiver<(u64, Result<Event, String>)>,
+    epoch: u64,
+    poller: Option<tokio::task::JoinHandle<()>>,
     commands: command::Dispatcher,
 }
 
@@ -175,19 +181,58 @@ impl Link {
     pub(crate) fn new(gateway: Gateway) -> Result<(Link, Commands)> {
         let shared = gateway.shared().clone();
         let offline = status_payload(&shared, "offline");
-        let opts = mqtt_options(&shared.config, offline)?;
-        let cap = shared.config.mqtt.inflight as usize * 2 + 16;
-        let (client, eventloop) = AsyncClient::new(opts, cap);
+        let options = mqtt_options(&shared.config, offline)?;
         let (commands, receiver) = command::Dispatcher::new(gateway.clone());
+        let (events_tx, events) = mpsc::channel(1024);
         Ok((
             Link {
                 gateway,
-                client,
-                eventloop,
+                options,
+                client: None,
+                events_tx,
+                events,
+                epoch: 0,
+                poller: None,
                 commands,
             },
             receiver,
         ))
+    }
+
+    /// Starts a connection: a fresh rumqttc client and event loop, polled in a task of its own
+    /// (a `poll` future must never be dropped half way) that forwards every event and ends at
+    /// the first error. Nothing of an old connection (queued requests, packet ids, buffered
+    /// events) can leak into the new one.
+    fn connect(&mut self) {
+        self.disconnect();
+        self.epoch += 1;
+        let epoch = self.epoch;
+        let cap = self.options.inflight() as usize * 2 + 16;
+        let (client, mut eventloop) = AsyncClient::new(self.options.clone(), cap);
+        let tx = self.events_tx.clone();
+        self.client = Some(client);
+        self.poller = Some(tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(event) => {
+                        if tx.send((epoch, Ok(event))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send((epoch, Err(e.to_string()))).await;
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+
+    fn disconnect(&mut self) {
+        self.client = None;
+        if let Some(p) = self.poller.take() {
+            p.abort();
+        }
     }
 
     /// Runs until `shutdown` turns true (or its sender is dropped). Connection errors are not
@@ -206,6 +251,8 @@ impl Link {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping: Option<Instant> = None;
+        let mut reconnect_at: Option<tokio::time::Instant> = None;
+        self.connect();
         loop {
             if st.connected {
                 self.fill(&shared, &mut st, cfg.inflight as usize);
@@ -223,33 +270,38 @@ impl Link {
                         stopping = Some(Instant::now());
                     }
                 }
-                event = self.eventloop.poll() => match event {
-                    Ok(event) => self.on_event(&shared, &mut st, event),
-                    Err(e) => {
-                        if st.connected {
-                            eprintln!("neo-gateway: connection to {}:{} lost: {e}", cfg.host, cfg.port);
-                        } else if st.attempt == 0 {
-                            eprintln!("neo-gateway: cannot connect to {}:{}: {e} (retrying)", cfg.host, cfg.port);
-                        }
-                        st.connected = false;
-                        shared.stats.connected.store(false, Ordering::Relaxed);
-                        shared.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
-                        shared.stats.note_error(&e);
-                        let delay = backoff(cfg.reconnect_min_ms, cfg.reconnect_max_ms, st.attempt);
-                        st.attempt = st.attempt.saturating_add(1);
-                        if stopping.is_some() {
-                            continue;
-                        }
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            changed = shutdown.changed() => {
-                                if changed.is_err() || *shutdown.borrow() {
-                                    stopping = Some(Instant::now());
-                                }
+                Some((epoch, event)) = self.events.recv() => {
+                    if epoch != self.epoch {
+                        continue; // a connection already given up
+                    }
+                    match event {
+                        Ok(event) => self.on_event(&shared, &mut st, event),
+                        Err(e) => {
+                            if st.connected {
+                                eprintln!("neo-gateway: connection to {}:{} lost: {e}", cfg.host, cfg.port);
+                            } else if st.attempt == 0 {
+                                eprintln!("neo-gateway: cannot connect to {}:{}: {e} (retrying)", cfg.host, cfg.port);
                             }
+                            self.disconnect();
+                            st.connected = false;
+                            shared.stats.connected.store(false, Ordering::Relaxed);
+                            shared.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+                            shared.stats.note_error(&e);
+                            let delay = backoff(cfg.reconnect_min_ms, cfg.reconnect_max_ms, st.attempt);
+                            st.attempt = st.attempt.saturating_add(1);
+                            reconnect_at = Some(tokio::time::Instant::now() + delay);
                         }
                     }
-                },
+                }
+                _ = async {
+                    match reconnect_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                }, if stopping.is_none() => {
+                    reconnect_at = None;
+                    self.connect();
+                }
                 _ = shared.wake.notified() => {}
                 _ = tick.tick() => {}
             }
@@ -266,18 +318,17 @@ impl Link {
                 st.inflight.clear();
                 shared.stats.connected.store(true, Ordering::Relaxed);
                 shared.stats.connects.fetch_add(1, Ordering::Relaxed);
+                let Some(client) = self.client.as_ref() else {
+                    return;
+                };
                 let online = status_payload(shared, "online");
-                if self
-                    .client
+                if client
                     .try_publish(shared.topics.status(), QoS::AtLeastOnce, true, online)
                     .is_ok()
                 {
                     st.unassigned.push_back(None);
                 }
-                if let Err(e) = self
-                    .client
-                    .try_subscribe(shared.topics.commands(), QoS::AtLeastOnce)
-                {
+                if let Err(e) = client.try_subscribe(shared.topics.commands(), QoS::AtLeastOnce) {
                     shared
                         .stats
                         .note_error(format!("cannot subscribe to commands: {e}"));
@@ -309,6 +360,9 @@ impl Link {
 
     /// Hands queued messages to rumqttc until the in-flight window is full.
     fn fill(&mut self, shared: &Arc<Shared>, st: &mut State, window: usize) {
+        let Some(client) = self.client.as_ref() else {
+            return;
+        };
         let next_seqs = shared.spool.next_seqs();
         for class in Class::SEND_ORDER {
             let room = window.saturating_sub(st.inflight.len() + st.unassigned.len());
@@ -334,8 +388,7 @@ impl Link {
                     break;
                 }
                 let topic = shared.topics.data(&r.topic);
-                if self
-                    .client
+                if client
                     .try_publish(topic, QoS::AtLeastOnce, false, r.payload)
                     .is_err()
                 {
@@ -348,29 +401,46 @@ impl Link {
         }
     }
 
-    /// Publishes the retained offline status and disconnects cleanly.
+    /// Publishes the retained offline status and disconnects cleanly; PUBACKs that arrive
+    /// meanwhile still remove their messages from the spool.
     async fn goodbye(&mut self, shared: &Arc<Shared>, st: &mut State) {
-        if !st.connected {
-            return;
-        }
-        let offline = status_payload(shared, "offline");
-        let _ = self
-            .client
-            .try_publish(shared.topics.status(), QoS::AtLeastOnce, true, offline);
-        let _ = self.client.try_disconnect();
-        let deadline = tokio::time::sleep(Duration::from_secs(1));
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                _ = &mut deadline => break,
-                ev = self.eventloop.poll() => match ev {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
+        if st.connected {
+            if let Some(client) = self.client.as_ref() {
+                let offline = status_payload(shared, "offline");
+                if client
+                    .try_publish(shared.topics.status(), QoS::AtLeastOnce, true, offline)
+                    .is_ok()
+                {
+                    st.unassigned.push_back(None);
+                }
+                let _ = client.try_disconnect();
+            }
+            let deadline = tokio::time::sleep(Duration::from_secs(1));
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    _ = &mut deadline => break,
+                    Some((epoch, ev)) = self.events.recv() => {
+                        if epoch != self.epoch {
+                            continue;
+                        }
+                        match ev {
+                            Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                            Ok(ev) => self.on_event(shared, st, ev),
+                        }
+                    }
                 }
             }
         }
+        self.disconnect();
         st.connected = false;
         shared.stats.connected.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.disconnect();
     }
 }
 

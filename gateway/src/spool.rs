@@ -240,7 +240,7 @@ impl Spool {
                 }
                 .to_bytes()?;
                 let topic_len = m.topic.len();
-                if payload.len() + topic_len + 8 > self.max_payload {
+                if payload.len() + topic_len + 1 > self.max_payload {
                     next[class as usize].dropped_too_large += 1;
                     out.push(None);
                     continue;
@@ -391,6 +391,15 @@ fn make_room(
     if size > max_bytes {
         return Ok(false);
     }
+    // Evict nothing when even evicting everything allowed would not make room.
+    let evictable: u64 = Class::ALL
+        .iter()
+        .filter(|c| c.importance() <= class.importance())
+        .map(|&c| streams[c as usize].bytes)
+        .sum();
+    if total(streams) - evictable + size > max_bytes {
+        return Ok(false);
+    }
     for victim in Class::EVICTION_ORDER {
         if victim.importance() > class.importance() {
             break;
@@ -524,6 +533,31 @@ mod tests {
         drop(spool);
         let spool = Spool::open(dir.path(), "cam1", 5_000, 64 << 10).unwrap();
         assert_eq!(spool.stats()[Class::Telemetry as usize].1.dropped_budget, 7);
+    }
+
+    #[test]
+    fn nothing_is_evicted_for_a_message_that_cannot_fit_anyway() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), "cam1", 3_000, 64 << 10).unwrap();
+        spool
+            .commit((0..3).map(|n| msg(Class::Alarm, n, 300)).collect(), &[])
+            .unwrap();
+        spool
+            .commit(vec![msg(Class::Telemetry, 0, 300)], &[])
+            .unwrap();
+        // A 2 KB result would need the alarms' room too, which it may not take.
+        let out = spool
+            .commit(vec![msg(Class::Inspection, 0, 2_000)], &[])
+            .unwrap();
+        assert_eq!(out, vec![None]);
+        let s = spool.stats();
+        assert_eq!(
+            s[Class::Telemetry as usize].1.queued,
+            1,
+            "telemetry evicted for nothing"
+        );
+        assert_eq!(s[Class::Alarm as usize].1.queued, 3);
+        assert_eq!(s[Class::Inspection as usize].1.dropped_budget, 1);
     }
 
     #[test]

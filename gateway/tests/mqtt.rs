@@ -338,6 +338,13 @@ fn commands_are_validated_and_bad_deployments_refused() {
     cmd("deploy", &deploy("d2", &wrong, &key.sign(&wrong)));
     cmd("deploy", &deploy("d3", &digest, &good));
     cmd("status", r#"{"id":"s1"}"#);
+    // A path that is not a regular file of the announced size is refused before any read.
+    let dev_zero = serde_json::json!({
+        "id": "d4", "name": "det", "size": bytes.len(),
+        "sha256": hex::encode(digest), "signature": hex::encode(good.to_bytes()),
+        "path": "/dev/zero",
+    });
+    cmd("deploy", &dev_zero.to_string());
 
     let acks = sub.wait_for("ack", 9, Duration::from_secs(20));
     let by_id = |id: Option<&str>| -> Vec<serde_json::Value> {
@@ -360,6 +367,7 @@ fn commands_are_validated_and_bad_deployments_refused() {
     refused(Some("d1"), "signature");
     refused(Some("d2"), "sha256");
     refused(Some("d3"), "health check");
+    refused(Some("d4"), "not a regular file");
     let status = by_id(Some("s1"));
     assert_eq!(status[0]["ok"], true);
     let s: serde_json::Value =

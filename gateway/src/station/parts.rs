@@ -278,6 +278,12 @@ pub fn inspect(
             }
         }
     };
+    if !decision.raw_score.is_finite() {
+        return Err(format!(
+            "the model gave a non-finite score ({})",
+            decision.raw_score
+        ));
+    }
     Ok((
         decision,
         [
