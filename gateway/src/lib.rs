@@ -290,53 +290,70 @@ impl Gateway {
     }
 }
 
-/// The spool writer: group-commits appends (fsync) and removals, then wakes the link.
+/// The spool writer: group-commits appends (fsync) and removals, then wakes the link. A
+/// failed commit (a full disk, say) is retried with the same messages; meanwhile producers
+/// block on the full queue instead of losing results.
 fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>) {
     const BATCH: usize = 1024;
     let mut done = false;
-    while !done {
-        let mut new = Vec::new();
-        let mut flushes = Vec::new();
-        match rx.recv_timeout(ACK_COMMIT_INTERVAL) {
-            Ok(op) => {
-                let mut next = Some(op);
-                while let Some(op) = next.take() {
-                    match op {
-                        Op::Append(m) => new.push(m),
-                        Op::Flush(tx) => flushes.push(tx),
-                    }
-                    if new.len() < BATCH {
-                        next = rx.try_recv().ok();
+    let mut new: Vec<NewMessage> = Vec::new();
+    let mut acked: Vec<(Class, u64)> = Vec::new();
+    let mut flushes: Vec<mpsc::Sender<Result<(), String>>> = Vec::new();
+    while !(done && new.is_empty() && acked.is_empty()) {
+        if new.len() < BATCH && !done {
+            match rx.recv_timeout(ACK_COMMIT_INTERVAL) {
+                Ok(op) => {
+                    let mut next = Some(op);
+                    while let Some(op) = next.take() {
+                        match op {
+                            Op::Append(m) => new.push(m),
+                            Op::Flush(tx) => flushes.push(tx),
+                        }
+                        if new.len() < BATCH {
+                            next = rx.try_recv().ok();
+                        }
                     }
                 }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => done = true,
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => done = true,
         }
-        let acked = match shared.acked.lock() {
-            Ok(mut a) => std::mem::take(&mut *a),
-            Err(p) => std::mem::take(&mut *p.into_inner()),
-        };
+        match shared.acked.lock() {
+            Ok(mut a) => acked.append(&mut a),
+            Err(p) => acked.append(&mut p.into_inner()),
+        }
         let result = if new.is_empty() && acked.is_empty() {
             Ok(Vec::new())
         } else {
-            shared.spool.commit(new, &acked)
+            shared.spool.commit(&new, &acked)
         };
         match result {
             Ok(ids) => {
+                new.clear();
+                acked.clear();
                 shared.stats.spool_commits.fetch_add(1, Ordering::Relaxed);
                 if !ids.is_empty() {
                     shared.wake.notify_one();
                 }
-                for f in flushes {
+                for f in flushes.drain(..) {
                     let _ = f.send(Ok(()));
                 }
             }
             Err(e) => {
                 shared.stats.spool_errors.fetch_add(1, Ordering::Relaxed);
                 shared.stats.note_error(&e);
-                for f in flushes {
+                eprintln!("neo-gateway: spool write failed (retrying): {e}");
+                for f in flushes.drain(..) {
                     let _ = f.send(Err(e.to_string()));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                if done {
+                    // Shutting down with a spool that cannot be written: give up after saying so.
+                    eprintln!(
+                        "neo-gateway: {} messages could not be written before stopping",
+                        new.len()
+                    );
+                    return;
                 }
             }
         }

@@ -101,6 +101,7 @@ pub struct Spool {
     device: String,
     epoch: u64,
     state: Mutex<State>,
+    committing: Mutex<()>,
 }
 
 fn meta_key(class: Class, what: &str) -> String {
@@ -176,6 +177,7 @@ impl Spool {
             device: device.to_string(),
             epoch,
             state: Mutex::new(state),
+            committing: Mutex::new(()),
         })
     }
 
@@ -202,13 +204,17 @@ impl Spool {
     /// even after dropping less important messages).
     pub fn commit(
         &self,
-        new: Vec<NewMessage>,
+        new: &[NewMessage],
         acked: &[(Class, u64)],
     ) -> Result<Vec<Option<(Class, u64)>>> {
         if new.is_empty() && acked.is_empty() {
             return Ok(Vec::new());
         }
-        let mut state = self.lock();
+        // One committer at a time; readers of the counters are not held up by the fsync.
+        let _committing = self.committing.lock().unwrap_or_else(|p| p.into_inner());
+        let state = State {
+            streams: self.lock().clone_streams(),
+        };
         let mut next = state.clone_streams();
         let mut tx = self.db.begin_write().map_err(store)?;
         if new.is_empty() {
@@ -307,7 +313,7 @@ impl Spool {
             }
         }
         tx.commit().map_err(store)?;
-        state.streams = next;
+        self.lock().streams = next;
         Ok(out)
     }
 
@@ -452,13 +458,18 @@ mod tests {
         {
             let spool = Spool::open(dir.path(), "cam1", 1 << 20, 64 << 10).unwrap();
             let ids = spool
-                .commit((0..5).map(|n| msg(Class::Inspection, n, 10)).collect(), &[])
+                .commit(
+                    &(0..5)
+                        .map(|n| msg(Class::Inspection, n, 10))
+                        .collect::<Vec<_>>(),
+                    &[],
+                )
                 .unwrap();
             assert_eq!(ids.len(), 5);
             assert_eq!(ids[4], Some((Class::Inspection, 4)));
             spool
                 .commit(
-                    vec![msg(Class::Telemetry, 0, 10)],
+                    &[msg(Class::Telemetry, 0, 10)],
                     &[(Class::Inspection, 0), (Class::Inspection, 1)],
                 )
                 .unwrap();
@@ -475,9 +486,7 @@ mod tests {
         assert_eq!(env["data"]["n"], 2);
         assert_eq!(env["ts_ms"], 1002);
         // Sequence numbers continue after a reopen.
-        let ids = spool
-            .commit(vec![msg(Class::Inspection, 9, 1)], &[])
-            .unwrap();
+        let ids = spool.commit(&[msg(Class::Inspection, 9, 1)], &[]).unwrap();
         assert_eq!(ids[0], Some((Class::Inspection, 5)));
         let stats = spool.stats();
         assert_eq!(stats[Class::Inspection as usize].1.queued, 4);
@@ -491,15 +500,25 @@ mod tests {
         // Room for about ten 400-byte messages.
         let spool = Spool::open(dir.path(), "cam1", 5_000, 64 << 10).unwrap();
         spool
-            .commit((0..6).map(|n| msg(Class::Telemetry, n, 300)).collect(), &[])
+            .commit(
+                &(0..6)
+                    .map(|n| msg(Class::Telemetry, n, 300))
+                    .collect::<Vec<_>>(),
+                &[],
+            )
             .unwrap();
         spool
-            .commit((0..3).map(|n| msg(Class::Sample, n, 300)).collect(), &[])
+            .commit(
+                &(0..3)
+                    .map(|n| msg(Class::Sample, n, 300))
+                    .collect::<Vec<_>>(),
+                &[],
+            )
             .unwrap();
         // Results arrive until the spool is full of results.
         for n in 0..12 {
             spool
-                .commit(vec![msg(Class::Inspection, n, 300)], &[])
+                .commit(&[msg(Class::Inspection, n, 300)], &[])
                 .unwrap();
         }
         let s = |c: Class| spool.stats()[c as usize].1.clone();
@@ -516,7 +535,7 @@ mod tests {
         // Telemetry cannot push a result out: it is dropped itself.
         let before = s(Class::Inspection).queued;
         let out = spool
-            .commit(vec![msg(Class::Telemetry, 99, 300)], &[])
+            .commit(&[msg(Class::Telemetry, 99, 300)], &[])
             .unwrap();
         assert_eq!(out, vec![None]);
         assert_eq!(s(Class::Inspection).queued, before);
@@ -524,7 +543,7 @@ mod tests {
         // When only results remain, the oldest result goes and is counted.
         let dropped_before = s(Class::Inspection).dropped_budget;
         spool
-            .commit(vec![msg(Class::Inspection, 50, 300)], &[])
+            .commit(&[msg(Class::Inspection, 50, 300)], &[])
             .unwrap();
         assert_eq!(s(Class::Inspection).dropped_budget, dropped_before + 1);
         let first = spool.read(Class::Inspection, 0, 1).unwrap();
@@ -540,14 +559,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), "cam1", 3_000, 64 << 10).unwrap();
         spool
-            .commit((0..3).map(|n| msg(Class::Alarm, n, 300)).collect(), &[])
+            .commit(
+                &(0..3)
+                    .map(|n| msg(Class::Alarm, n, 300))
+                    .collect::<Vec<_>>(),
+                &[],
+            )
             .unwrap();
-        spool
-            .commit(vec![msg(Class::Telemetry, 0, 300)], &[])
-            .unwrap();
+        spool.commit(&[msg(Class::Telemetry, 0, 300)], &[]).unwrap();
         // A 2 KB result would need the alarms' room too, which it may not take.
         let out = spool
-            .commit(vec![msg(Class::Inspection, 0, 2_000)], &[])
+            .commit(&[msg(Class::Inspection, 0, 2_000)], &[])
             .unwrap();
         assert_eq!(out, vec![None]);
         let s = spool.stats();
@@ -565,7 +587,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), "cam1", 1 << 20, 1_000).unwrap();
         let out = spool
-            .commit(vec![msg(Class::Inspection, 0, 2_000)], &[])
+            .commit(&[msg(Class::Inspection, 0, 2_000)], &[])
             .unwrap();
         assert_eq!(out, vec![None]);
         assert_eq!(
