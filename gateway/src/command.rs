@@ -222,22 +222,10 @@ impl Dispatcher {
             })
     }
 
+    /// Answers with the telemetry document (uptime, link, spool per stream, model …).
     fn status(&self, id: &str) {
-        let g = &self.gateway;
-        let spool: serde_json::Map<String, Value> = g
-            .spool()
-            .stats()
-            .into_iter()
-            .map(|(c, s)| (c.name().to_string(), json!(s)))
-            .collect();
-        let active = Slots::peek(&g.config().models_dir()).ok().flatten();
-        let message = json!({
-            "uptime_s": g.uptime().as_secs_f64(),
-            "connected": g.stats().connected.load(Ordering::Relaxed),
-            "spool": spool,
-            "model": active,
-        });
-        g.ack(Some(id), "status", true, &message.to_string());
+        let message = self.gateway.telemetry().to_string();
+        self.gateway.ack(Some(id), "status", true, &message);
     }
 
     fn deploy(&mut self, id: &str, body: &Value) -> Result<(), String> {

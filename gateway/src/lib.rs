@@ -66,7 +66,6 @@ pub struct LinkStats {
     pub connection_errors: AtomicU64,
     pub sent: AtomicU64,
     pub acked: AtomicU64,
-    pub spool_commits: AtomicU64,
     pub spool_errors: AtomicU64,
     pub commands_accepted: AtomicU64,
     pub commands_refused: AtomicU64,
@@ -331,7 +330,6 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>) {
             Ok(ids) => {
                 new.clear();
                 acked.clear();
-                shared.stats.spool_commits.fetch_add(1, Ordering::Relaxed);
                 if !ids.is_empty() {
                     shared.wake.notify_one();
                 }

@@ -41,19 +41,13 @@ impl Gateway {
     /// The telemetry document (what the `telemetry` stream carries).
     pub fn telemetry(&self) -> Value {
         let s = self.stats();
-        let spool: Map<String, Value> = self
-            .spool()
-            .stats()
+        let streams = self.spool().stats();
+        let now = crate::message::now_ms();
+        let oldest = streams.iter().filter_map(|(_, st)| st.oldest_ts_ms).min();
+        let spool: Map<String, Value> = streams
             .into_iter()
             .map(|(c, st)| (c.name().to_string(), json!(st)))
             .collect();
-        let now = crate::message::now_ms();
-        let oldest = self
-            .spool()
-            .stats()
-            .iter()
-            .filter_map(|(_, st)| st.oldest_ts_ms)
-            .min();
         let app: Map<String, Value> = self
             .app_metrics()
             .into_iter()

@@ -213,9 +213,9 @@ impl Spool {
         // One committer at a time; readers of the counters are not held up by the fsync.
         let _committing = self.committing.lock().unwrap_or_else(|p| p.into_inner());
         let state = State {
-            streams: self.lock().clone_streams(),
+            streams: self.lock().streams.clone(),
         };
-        let mut next = state.clone_streams();
+        let mut next = state.streams.clone();
         let mut tx = self.db.begin_write().map_err(store)?;
         if new.is_empty() {
             tx.set_durability(Durability::None).map_err(store)?;
@@ -375,12 +375,6 @@ impl Spool {
 
     pub fn queued(&self) -> u64 {
         self.lock().streams.iter().map(|s| s.queued).sum()
-    }
-}
-
-impl State {
-    fn clone_streams(&self) -> [StreamStats; Class::COUNT] {
-        self.streams.clone()
     }
 }
 

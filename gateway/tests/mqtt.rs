@@ -31,16 +31,7 @@ fn start_gateway(config: GatewayConfig) -> Running {
         .enable_all()
         .build()
         .unwrap();
-    // A gateway dropped just before lets go of its spool when its writer thread notices.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let (gateway, link, commands) = loop {
-        match Gateway::start(config.clone()) {
-            Err(neo_gateway::GatewayError::SpoolBusy(_)) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            other => break other.unwrap(),
-        }
-    };
+    let (gateway, link, commands) = Gateway::start(config).unwrap();
     let (stop, rx) = tokio::sync::watch::channel(false);
     let link = Some(rt.spawn(link.run(rx)));
     Running {
@@ -190,7 +181,11 @@ fn full_spool_drops_telemetry_first_and_every_result_arrives() {
         telemetry["spool"]["streams"]["telemetry"]["dropped_budget"].as_u64(),
         Some(tele.dropped_budget)
     );
-    drop((gateway, link));
+    drop(link);
+    assert!(
+        gateway.close(Duration::from_secs(5)),
+        "the spool did not close"
+    );
 
     let sub = Subscriber::start(broker.port, "full-sub", "neo/site/line/fulldev/#");
     let run = start_gateway(config);

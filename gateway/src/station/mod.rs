@@ -437,6 +437,8 @@ fn capture(shared: Arc<Shared>, cam: config::CameraConfig) {
 
 fn inspect_loop(shared: Arc<Shared>, rejects: mpsc::Sender<(Instant, String)>, print: bool) {
     let cfg = &shared.config;
+    // The app metrics (percentiles over the last frames) are refreshed at most once a second.
+    let mut metrics_due = Instant::now();
     while let Some(frame) = shared.queue.pop() {
         let dequeued = Instant::now();
         let queue_ms = (dequeued - frame.captured).as_secs_f64() * 1e3 - frame.capture_ms;
@@ -568,6 +570,10 @@ fn inspect_loop(shared: Arc<Shared>, rejects: mpsc::Sender<(Instant, String)>, p
             {
                 w.push(v);
             }
+            if Instant::now() < metrics_due {
+                continue;
+            }
+            metrics_due = Instant::now() + Duration::from_secs(1);
             let q = |i: usize, p: f64| l[i].quantile(p);
             shared.gateway.set_app_metrics(vec![
                 ("frames_per_s".into(), fps),
