@@ -234,6 +234,7 @@ pub fn compile_imported(
         outputs,
         files: BTreeMap::new(),
         anomaly,
+        sensor: None,
     };
     let artifact = Artifact::new(
         manifest,
@@ -281,7 +282,7 @@ fn file_stem(p: &Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
-fn target_info(board: &BoardProfile) -> TargetInfo {
+pub(crate) fn target_info(board: &BoardProfile) -> TargetInfo {
     TargetInfo {
         board: board.name.clone(),
         triple: board.triple.clone(),

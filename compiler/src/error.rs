@@ -34,6 +34,8 @@ pub enum CompileError {
     Tract { stage: String, message: String },
     #[error(transparent)]
     Runtime(#[from] neo_runtime::RuntimeError),
+    #[error(transparent)]
+    Sensor(#[from] neo_sensor::SensorError),
     #[error("the compiled artifact disagrees with the source model (max abs diff {diff:e} on output '{output}'); please report this model")]
     Mismatch { output: String, diff: f32 },
 }

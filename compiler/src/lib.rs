@@ -8,6 +8,7 @@ pub mod compile;
 mod error;
 pub mod import;
 pub mod inspect;
+pub mod sensor;
 
 pub use compile::{compile, CompileOptions, CompileReport};
 pub use error::{CompileError, Result};

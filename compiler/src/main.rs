@@ -177,6 +177,82 @@ struct TrainAnomalyArgs {
     input: InputArgs,
 }
 
+#[derive(Args)]
+struct TrainSensorArgs {
+    /// Normal recordings (repeatable): .csv process data (SKAB format: `;`-separated, a
+    /// datetime column) or .mat vibration (MATLAB v5, e.g. CWRU).
+    #[arg(long, required = true)]
+    normal: Vec<PathBuf>,
+    /// Channels: CSV column names, or for .mat the variable or its position (DE, FE, BA)
+    /// [default: every sensor column / every *_time vector].
+    #[arg(long, value_delimiter = ',')]
+    channels: Option<Vec<String>>,
+    /// Train on this share of each recording, from its start (leave the rest for eval).
+    #[arg(long, default_value_t = 1.0)]
+    use_fraction: f64,
+    /// Vibration: sampling rate in Hz (required for .mat input; CWRU: 12000).
+    #[arg(long)]
+    sample_rate: Option<f64>,
+    /// Vibration: unit of the samples.
+    #[arg(long, value_enum, default_value_t = UnitArg::G)]
+    units: UnitArg,
+    /// Samples (vibration) or rows (process) per window [default: about 1/6 s; 1 row].
+    #[arg(long)]
+    window: Option<usize>,
+    /// Samples/rows between window starts [default: window/8; 1 row].
+    #[arg(long)]
+    hop: Option<usize>,
+    /// Vibration: bearing for envelope features: `cwru-de` (SKF 6205 of the CWRU rig) or
+    /// `balls=9,ball=0.3126,pitch=1.537,angle=0`.
+    #[arg(long)]
+    bearing: Option<String>,
+    /// Shaft speed for the bearing frequencies [default: the recording's RPM variable].
+    #[arg(long)]
+    rpm: Option<f64>,
+    /// Process: statistics per window and channel (mean, std, min, max, slope).
+    #[arg(long, value_delimiter = ',')]
+    stats: Vec<String>,
+    /// mahalanobis (shrunk covariance) or pca (T² + Q).
+    #[arg(long, default_value = "mahalanobis")]
+    model: String,
+    /// Share of normal windows held out (the tail of each recording) to set the threshold.
+    #[arg(long, default_value_t = 0.2)]
+    holdout: f64,
+    /// Threshold at this quantile of the held-out normal scores...
+    #[arg(long, default_value_t = 0.995)]
+    quantile: f64,
+    /// ...times this factor.
+    #[arg(long, default_value_t = 1.0)]
+    margin: f64,
+    /// Alarm persistence: N of the last M windows must reach a level, as N/M.
+    #[arg(long, default_value = "3/5")]
+    persistence: String,
+    /// Normalized score (1 = threshold) where Alarm starts (Warning starts at 1).
+    #[arg(long, default_value_t = 2.0)]
+    alarm_level: f64,
+    /// ISO 20816 machine class for the absolute velocity guard (I, II, III, IV).
+    #[arg(long)]
+    iso_class: Option<String>,
+    /// Learn the baseline on the device: each stream's first N frames (samples or rows) are
+    /// taken as normal, the model and threshold are refitted on them, then scoring starts
+    /// (how SKAB's own notebooks fit each experiment's first 400 rows).
+    #[arg(long, value_name = "N")]
+    commission: Option<u64>,
+    /// Board the model is packaged for.
+    #[arg(long, short, default_value = "x86_64")]
+    target: String,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, short)]
+    output: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum UnitArg {
+    G,
+    Ms2,
+}
+
 #[derive(Subcommand)]
 enum TrainKind {
     /// Learn "normal" from good images: a memory-bank (PatchCore-style) detector that scores
@@ -188,6 +264,16 @@ enum TrainKind {
     ///     --normal bottle/train/good -o bottle-detector.neo
     #[command(verbatim_doc_comment)]
     Anomaly(Box<TrainAnomalyArgs>),
+    /// Learn an asset's normal behaviour from vibration or process recordings: streaming
+    /// features, a Mahalanobis or PCA T²+Q baseline, a threshold from held-out normal data
+    /// and Healthy/Warning/Alarm rules. Packaged as a .neo artifact.
+    ///
+    /// Examples:
+    ///   neoc train sensor --normal skab/anomaly-free/anomaly-free.csv -o pump.neo
+    ///   neoc train sensor --normal cwru/Normal/97_Normal_0.mat --channels DE \
+    ///     --sample-rate 12000 --bearing cwru-de --use-fraction 0.5 -o bearing.neo
+    #[command(verbatim_doc_comment)]
+    Sensor(Box<TrainSensorArgs>),
 }
 
 #[derive(Subcommand)]
@@ -210,8 +296,14 @@ enum Command {
     },
     /// Evaluate a detector on a labelled dataset (MVTec layout: test/good, test/<type>/):
     /// image AUROC, precision/recall/F1 at its threshold, confusion matrix, latency. JSON.
+    ///
+    /// Sensor models: `neoc eval [sensor] MODEL.neo --dataset DIR` on SKAB (CSV files with
+    /// an `anomaly` column: F1, FAR, MAR as SKAB defines them) or CWRU (Normal/*.mat and
+    /// fault folders: detection rate per fault type, false alarms on held-out normal data).
     Eval {
-        detector: PathBuf,
+        /// `sensor` or `anomaly` (optional: the artifact says which it is), then the model.
+        #[arg(num_args = 1..=2, required = true, value_name = "[KIND] MODEL")]
+        detector: Vec<String>,
         #[arg(long)]
         dataset: PathBuf,
         /// Good images the detector was trained on in a magnetic-tile dataset (not tested)
@@ -342,6 +434,36 @@ fn run(cli: Cli) -> Result<()> {
             train_good,
             html,
         } => {
+            let (kind, detector) = match detector.as_slice() {
+                [k, m] if k == "sensor" || k == "anomaly" => (Some(k.as_str()), PathBuf::from(m)),
+                [m] => (None, PathBuf::from(m)),
+                [k, _] => anyhow::bail!("unknown model kind '{k}': use `neoc eval sensor MODEL` or `neoc eval anomaly MODEL`"),
+                _ => anyhow::bail!("give the model to evaluate"),
+            };
+            let is_sensor = neo_runtime::Artifact::open(&detector)
+                .with_context(|| format!("opening {}", detector.display()))?
+                .manifest
+                .sensor
+                .is_some();
+            match (kind, is_sensor) {
+                (Some("anomaly"), true) => anyhow::bail!(
+                    "{} is a sensor model: use `neoc eval sensor`",
+                    detector.display()
+                ),
+                (Some("sensor"), false) => anyhow::bail!(
+                    "{} is a vision model: use `neoc eval anomaly`",
+                    detector.display()
+                ),
+                _ => {}
+            }
+            if is_sensor {
+                let report = neoc::sensor::eval_sensor(&detector, &dataset).with_context(|| {
+                    format!("evaluating {} on {}", detector.display(), dataset.display())
+                })?;
+                eprint!("{}", sensor_summary(&report));
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(());
+            }
             let report = neoc::anomaly::eval_anomaly(&detector, &dataset, train_good)?;
             if let Some(path) = &html {
                 let model = neo_runtime::Model::load(&detector)?;
@@ -417,6 +539,36 @@ fn run(cli: Cli) -> Result<()> {
                 output.display()
             );
         }
+        Command::Train {
+            kind: TrainKind::Sensor(args),
+        } => {
+            let opts = sensor_options(*args)?;
+            let r = neoc::sensor::train_sensor(&opts, &boards)?;
+            if !r.constant_features.is_empty() {
+                eprintln!(
+                    "note: constant in the normal data, left out of the model: {}",
+                    r.constant_features.join(", ")
+                );
+            }
+            if r.skipped_windows > 0 || r.repaired_samples > 0 {
+                eprintln!(
+                    "note: {} windows skipped and {} samples repaired (NaN, inf or empty values)",
+                    r.skipped_windows, r.repaired_samples
+                );
+            }
+            eprintln!(
+                "trained {:?} on {} windows of {} ({} features, {} used) in {:.0} ms; threshold {:.4} ({}); wrote {}",
+                r.model,
+                r.windows,
+                r.channels.join(", "),
+                r.features,
+                r.features_used,
+                r.train_ms,
+                r.threshold,
+                r.threshold_method,
+                r.output
+            );
+        }
         Command::Compile(args) => {
             let CompileArgs {
                 model,
@@ -457,6 +609,168 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn sensor_options(a: TrainSensorArgs) -> Result<neoc::sensor::SensorTrainOptions> {
+    use neo_sensor::features::{AccelUnit, Bearing, ProcessStat};
+    let (n, m) = a
+        .persistence
+        .split_once('/')
+        .and_then(|(n, m)| Some((n.trim().parse().ok()?, m.trim().parse().ok()?)))
+        .with_context(|| format!("--persistence '{}': write N/M, e.g. 3/5", a.persistence))?;
+    let iso_class = a
+        .iso_class
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let rpm = match a.rpm {
+        Some(r) => Some(r),
+        None if a.bearing.is_some() => {
+            // CWRU files carry the shaft speed as `X<id>RPM`.
+            let first = a.normal.first().context("no --normal recording")?;
+            let arrays = neo_sensor::mat::read_mat(first).ok();
+            arrays
+                .as_deref()
+                .and_then(|arr| arr.iter().find(|v| v.name.ends_with("RPM")))
+                .and_then(|v| v.values.first().copied())
+        }
+        None => None,
+    };
+    let bearing = match a.bearing.as_deref() {
+        None => None,
+        Some(b) => {
+            let rpm = rpm.context("the bearing frequencies need the shaft speed: give --rpm")?;
+            Some(if b == "cwru-de" {
+                Bearing::cwru_drive_end(rpm)
+            } else {
+                let mut v = std::collections::HashMap::new();
+                for kv in b.split(',') {
+                    let (k, x) = kv
+                        .split_once('=')
+                        .with_context(|| format!("--bearing: '{kv}' is not key=value"))?;
+                    let x: f64 = x
+                        .parse()
+                        .with_context(|| format!("--bearing: '{x}' is not a number"))?;
+                    v.insert(k.trim().to_string(), x);
+                }
+                let get = |k: &str| {
+                    v.get(k).copied().with_context(|| {
+                        format!("--bearing needs {k}= (balls, ball, pitch, angle)")
+                    })
+                };
+                Bearing {
+                    balls: get("balls")? as u32,
+                    ball_diameter: get("ball")?,
+                    pitch_diameter: get("pitch")?,
+                    contact_angle_deg: v.get("angle").copied().unwrap_or(0.0),
+                    shaft_hz: rpm / 60.0,
+                }
+            })
+        }
+    };
+    let stats = a
+        .stats
+        .iter()
+        .map(|s| {
+            Ok(match s.as_str() {
+                "mean" => ProcessStat::Mean,
+                "std" => ProcessStat::Std,
+                "min" => ProcessStat::Min,
+                "max" => ProcessStat::Max,
+                "slope" => ProcessStat::Slope,
+                other => anyhow::bail!(
+                    "--stats: unknown statistic '{other}' (mean, std, min, max, slope)"
+                ),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(neoc::sensor::SensorTrainOptions {
+        normal: a.normal,
+        channels: a.channels,
+        use_fraction: a.use_fraction,
+        sample_rate_hz: a.sample_rate,
+        units: match a.units {
+            UnitArg::G => AccelUnit::G,
+            UnitArg::Ms2 => AccelUnit::MS2,
+        },
+        window: a.window,
+        hop: a.hop,
+        bearing,
+        stats,
+        model: a.model.parse().map_err(anyhow::Error::msg)?,
+        threshold: neo_sensor::ThresholdRule {
+            holdout: a.holdout,
+            quantile: a.quantile,
+            margin: a.margin,
+        },
+        commission_frames: a.commission,
+        alarm: neo_sensor::AlarmPolicy {
+            alarm: a.alarm_level,
+            n,
+            m,
+            iso_class,
+            ..neo_sensor::AlarmPolicy::default()
+        },
+        target: a.target,
+        name: a.name,
+        output: a.output,
+    })
+}
+
+/// A few human lines about a sensor evaluation.
+fn sensor_summary(r: &neoc::sensor::SensorEvalReport) -> String {
+    use neoc::sensor::SensorEvalReport as R;
+    let mut s = String::new();
+    match r {
+        R::Skab {
+            model,
+            files,
+            alarm,
+            window,
+            auroc,
+            throughput,
+        } => {
+            s += &format!(
+                "SKAB, {} files, {model:?}: alarm state F1 {:.2}, FAR {:.2} %, MAR {:.2} % | window score F1 {:.2}, FAR {:.2} %, MAR {:.2} % | AUROC {:.3} | {:.0} windows/s\n",
+                files.len(), alarm.f1, alarm.far_pct, alarm.mar_pct, window.f1, window.far_pct, window.mar_pct, auroc, throughput.windows_per_s
+            );
+        }
+        R::Cwru {
+            model,
+            normal_file,
+            normal_windows,
+            false_alarm_pct,
+            false_alarm_state_pct,
+            faults,
+            throughput,
+            ..
+        } => {
+            s += &format!("CWRU, {model:?}: false alarms {false_alarm_pct:.2} % of {normal_windows} held-out windows of {normal_file} ({false_alarm_state_pct:.2} % in Warning/Alarm)\n");
+            s += &format!(
+                "  {:<10} {:>8} {:>9} {:>12} {:>8}  top feature\n",
+                "fault", "windows", "detected", "at 1% FAR", "alarm"
+            );
+            for f in faults {
+                s += &format!(
+                    "  {:<10} {:>8} {:>8.1}% {:>11.1}% {:>7.1}%  {}\n",
+                    f.fault,
+                    f.windows,
+                    f.detected_pct,
+                    f.detected_pct_at_1pct_far,
+                    f.alarm_pct,
+                    f.top_feature
+                );
+            }
+            if let Some(p) = throughput.core_pct_at_stream_rate {
+                s += &format!(
+                    "  {:.0} windows/s ({:.0} us each): a live stream at this rate uses {:.2} % of one core\n",
+                    throughput.windows_per_s, throughput.us_per_window, p
+                );
+            }
+        }
+    }
+    s
 }
 
 fn main() -> ExitCode {

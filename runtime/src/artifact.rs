@@ -288,6 +288,7 @@ mod tests {
             outputs: vec![],
             files: BTreeMap::new(),
             anomaly: None,
+            sensor: None,
         }
     }
 

@@ -22,6 +22,11 @@ pub struct Manifest {
     /// For anomaly detectors: how to read the anomaly map and where the threshold lies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anomaly: Option<AnomalySpec>,
+    /// For sensor models (vibration / process anomaly detection): channels, feature
+    /// configuration, model kind, alarm policy and training data. Such artifacts carry
+    /// `sensor_model.json` instead of a graph.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sensor: Option<neo_sensor::SensorSpec>,
 }
 
 /// A memory-bank anomaly detector (PatchCore family): the graph ends in an anomaly map of

@@ -92,6 +92,13 @@ impl Model {
     ) -> Result<Model> {
         let start = Instant::now();
         let manifest = artifact.manifest.clone();
+        if manifest.sensor.is_some() {
+            return Err(RuntimeError::BadManifest(format!(
+                "'{}' is a sensor model (no graph to run on images): use `neo-run sensor`, \
+                 or `neo_runtime::SensorArtifact` from code",
+                manifest.name
+            )));
+        }
         let nnef_bytes = artifact
             .file(MODEL_FILE)
             .ok_or_else(|| RuntimeError::BadManifest(format!("no {MODEL_FILE} in the artifact")))?;

@@ -76,6 +76,7 @@ fn manifest(channels: ChannelOrder) -> Manifest {
         }],
         files: BTreeMap::new(),
         anomaly: None,
+        sensor: None,
     }
 }
 

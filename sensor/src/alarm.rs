@@ -112,13 +112,22 @@ impl Default for AlarmPolicy {
 impl AlarmPolicy {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.warning > 0.0 && self.alarm >= self.warning) {
-            return Err(format!("alarm levels need 0 < warning <= alarm (warning {}, alarm {})", self.warning, self.alarm));
+            return Err(format!(
+                "alarm levels need 0 < warning <= alarm (warning {}, alarm {})",
+                self.warning, self.alarm
+            ));
         }
         if self.n == 0 || self.m < self.n || self.m > 1000 {
-            return Err(format!("persistence needs 1 <= n <= m <= 1000 (n {}, m {})", self.n, self.m));
+            return Err(format!(
+                "persistence needs 1 <= n <= m <= 1000 (n {}, m {})",
+                self.n, self.m
+            ));
         }
         if !(self.clear_ratio > 0.0 && self.clear_ratio <= 1.0) {
-            return Err(format!("clear_ratio must be in (0, 1], got {}", self.clear_ratio));
+            return Err(format!(
+                "clear_ratio must be in (0, 1], got {}",
+                self.clear_ratio
+            ));
         }
         Ok(())
     }
@@ -172,7 +181,11 @@ impl AlarmState {
             self.scores.pop_front();
         }
         // A non-finite score counts as the worst (fail loud, not silent).
-        self.scores.push_back(if normalized.is_nan() { f64::INFINITY } else { normalized });
+        self.scores.push_back(if normalized.is_nan() {
+            f64::INFINITY
+        } else {
+            normalized
+        });
         let zone = p.iso_class.zip(vel_rms_mm_s).map(|(c, v)| c.zone(v));
         if let Some(z) = zone {
             if self.zones.len() == p.m {
@@ -186,7 +199,11 @@ impl AlarmState {
         }
         let current = self.health;
         let level_held = |level: f64, lh: Health| {
-            let bar = if lh <= current { level * p.clear_ratio } else { level };
+            let bar = if lh <= current {
+                level * p.clear_ratio
+            } else {
+                level
+            };
             self.scores.iter().filter(|s| **s >= bar).count() >= p.n
         };
         let model = if level_held(p.alarm, Health::Alarm) {
@@ -204,7 +221,10 @@ impl AlarmState {
             Health::Healthy
         };
         let health = model.max(iso);
-        let cause = match (model == health && health != Health::Healthy, iso == health && health != Health::Healthy) {
+        let cause = match (
+            model == health && health != Health::Healthy,
+            iso == health && health != Health::Healthy,
+        ) {
             (true, true) => "both",
             (false, true) => "iso",
             _ => "model",
@@ -233,7 +253,16 @@ mod tests {
         let h = run(AlarmPolicy::default(), &[0.2, 5.0, 0.3, 0.2, 0.1, 0.2]);
         assert!(h.iter().all(|x| *x == Health::Healthy), "{h:?}");
         let h = run(AlarmPolicy::default(), &[1.2, 0.3, 1.1, 1.5, 0.2]);
-        assert_eq!(h, vec![Health::Healthy, Health::Healthy, Health::Healthy, Health::Warning, Health::Warning]);
+        assert_eq!(
+            h,
+            vec![
+                Health::Healthy,
+                Health::Healthy,
+                Health::Healthy,
+                Health::Warning,
+                Health::Warning
+            ]
+        );
         let h = run(AlarmPolicy::default(), &[2.5, 3.0, 2.2]);
         assert_eq!(h[2], Health::Alarm);
     }
@@ -265,7 +294,10 @@ mod tests {
             last = Some(s.update(0.1, Some(6.0)));
         }
         let t = last.expect("updated");
-        assert_eq!((t.health, t.zone, t.cause), (Health::Alarm, Some('D'), "iso"));
+        assert_eq!(
+            (t.health, t.zone, t.cause),
+            (Health::Alarm, Some('D'), "iso")
+        );
         assert_eq!(MachineClass::II.zone(2.0), 'B');
     }
 

@@ -29,7 +29,10 @@ pub struct CsvData {
 
 impl CsvData {
     pub fn label(&self, name: &str) -> Option<&[f64]> {
-        self.labels.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+        self.labels
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
     }
 }
 
@@ -49,10 +52,21 @@ pub fn parse_csv(file: &str, text: &str, channels: Option<&[String]>) -> Result<
         reason,
     };
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header = lines.next().ok_or_else(|| input("the file is empty".into()))?;
-    let sep = if header.matches(';').count() >= header.matches(',').count() { ';' } else { ',' };
-    let names: Vec<String> = header.split(sep).map(|s| s.trim().trim_matches('"').to_string()).collect();
-    let time_col = names.iter().position(|n| TIME_COLUMNS.contains(&n.to_ascii_lowercase().as_str()));
+    let header = lines
+        .next()
+        .ok_or_else(|| input("the file is empty".into()))?;
+    let sep = if header.matches(';').count() >= header.matches(',').count() {
+        ';'
+    } else {
+        ','
+    };
+    let names: Vec<String> = header
+        .split(sep)
+        .map(|s| s.trim().trim_matches('"').to_string())
+        .collect();
+    let time_col = names
+        .iter()
+        .position(|n| TIME_COLUMNS.contains(&n.to_ascii_lowercase().as_str()));
     let label_cols: Vec<(String, usize)> = names
         .iter()
         .enumerate()
@@ -63,11 +77,14 @@ pub fn parse_csv(file: &str, text: &str, channels: Option<&[String]>) -> Result<
         Some(want) => want
             .iter()
             .map(|w| {
-                names.iter().position(|n| n == w).ok_or_else(|| SensorError::MissingColumn {
-                    file: file.to_string(),
-                    column: w.clone(),
-                    present: names.join(", "),
-                })
+                names
+                    .iter()
+                    .position(|n| n == w)
+                    .ok_or_else(|| SensorError::MissingColumn {
+                        file: file.to_string(),
+                        column: w.clone(),
+                        present: names.join(", "),
+                    })
             })
             .collect::<Result<_>>()?,
         None => (0..names.len())
@@ -75,14 +92,19 @@ pub fn parse_csv(file: &str, text: &str, channels: Option<&[String]>) -> Result<
             .collect(),
     };
     if selected.is_empty() {
-        return Err(input("no sensor columns (only time and label columns)".into()));
+        return Err(input(
+            "no sensor columns (only time and label columns)".into(),
+        ));
     }
     let mut data = CsvData {
         file: file.to_string(),
         channels: selected.iter().map(|&i| names[i].clone()).collect(),
         times: Vec::new(),
         rows: Vec::new(),
-        labels: label_cols.iter().map(|(n, _)| (n.clone(), Vec::new())).collect(),
+        labels: label_cols
+            .iter()
+            .map(|(n, _)| (n.clone(), Vec::new()))
+            .collect(),
         bad_cells: 0,
         bad_times: 0,
     };
@@ -139,7 +161,12 @@ pub fn parse_time(s: &str) -> Option<f64> {
     let h = t.next()?.parse::<i64>().ok()?;
     let mi = t.next()?.parse::<i64>().ok()?;
     let sec = t.next().map_or(Some(0.0), |v| v.parse::<f64>().ok())?;
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&da) || h > 23 || mi > 59 || !(0.0..61.0).contains(&sec) {
+    if !(1..=12).contains(&mo)
+        || !(1..=31).contains(&da)
+        || h > 23
+        || mi > 59
+        || !(0.0..61.0).contains(&sec)
+    {
         return None;
     }
     // Days from civil (proleptic Gregorian).
@@ -174,7 +201,12 @@ mod tests {
 
     #[test]
     fn a_missing_column_is_named_with_the_ones_present() {
-        let e = parse_csv("t.csv", "time,a,b\n1,2,3\n", Some(&["a".into(), "Pressure".into()])).expect_err("missing");
+        let e = parse_csv(
+            "t.csv",
+            "time,a,b\n1,2,3\n",
+            Some(&["a".into(), "Pressure".into()]),
+        )
+        .expect_err("missing");
         let m = e.to_string();
         assert!(m.contains("'Pressure'") && m.contains("time, a, b"), "{m}");
     }

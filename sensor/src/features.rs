@@ -95,7 +95,8 @@ impl Bearing {
 
     /// (name, Hz) of the four classic fault frequencies.
     pub fn fault_frequencies(&self) -> [(&'static str, f64); 4] {
-        let r = self.ball_diameter / self.pitch_diameter * self.contact_angle_deg.to_radians().cos();
+        let r =
+            self.ball_diameter / self.pitch_diameter * self.contact_angle_deg.to_radians().cos();
         let n = f64::from(self.balls);
         let fr = self.shaft_hz;
         [
@@ -111,12 +112,12 @@ impl Bearing {
 }
 
 impl VibrationConfig {
-    /// Defaults for a sampling rate: 4,096-sample windows (or the power of two nearest 1/3 s),
-    /// hop of a quarter window, octave-like bands up to Nyquist, envelope band in the upper
-    /// part of the spectrum.
+    /// Defaults for a sampling rate: windows of the power of two nearest 1/6 s (2,048
+    /// samples at 12 kHz), hop of an eighth window, octave bands from 10 Hz up to Nyquist,
+    /// envelope band in the upper part of the spectrum.
     pub fn for_rate(sample_rate_hz: f64, units: AccelUnit) -> Self {
         let nyquist = sample_rate_hz / 2.0;
-        let window = ((sample_rate_hz / 3.0).max(256.0).log2().round() as u32).min(16);
+        let window = ((sample_rate_hz / 6.0).max(256.0).log2().round() as u32).min(16);
         let window = 1usize << window;
         let mut bands = Vec::new();
         let mut lo = 10.0;
@@ -127,7 +128,7 @@ impl VibrationConfig {
         VibrationConfig {
             sample_rate_hz,
             window,
-            hop: window / 4,
+            hop: window / 8,
             units,
             broadband_hz: [0.0, 6000f64.min(nyquist)],
             bands_hz: bands,
@@ -199,7 +200,10 @@ pub struct FeatureWindow {
 pub enum WindowOutcome {
     Features(FeatureWindow),
     /// The window had too many bad samples to be trusted.
-    Skipped { end: u64, reason: String },
+    Skipped {
+        end: u64,
+        reason: String,
+    },
 }
 
 /// A window is skipped when more than this share of its samples had to be repaired.
@@ -215,7 +219,10 @@ impl FeatureConfig {
         match self {
             FeatureConfig::Vibration(c) => {
                 if !(c.sample_rate_hz.is_finite() && c.sample_rate_hz > 0.0) {
-                    return err(format!("sample_rate_hz must be positive, got {}", c.sample_rate_hz));
+                    return err(format!(
+                        "sample_rate_hz must be positive, got {}",
+                        c.sample_rate_hz
+                    ));
                 }
                 if c.window < 64 || c.hop == 0 || c.hop > c.window {
                     return err(format!(
@@ -252,7 +259,11 @@ impl FeatureConfig {
                     }
                 }
                 if let Some(b) = &c.bearing {
-                    if b.balls == 0 || b.ball_diameter <= 0.0 || b.pitch_diameter <= b.ball_diameter || b.shaft_hz <= 0.0 {
+                    if b.balls == 0
+                        || b.ball_diameter <= 0.0
+                        || b.pitch_diameter <= b.ball_diameter
+                        || b.shaft_hz <= 0.0
+                    {
                         return err("bearing: balls > 0, 0 < ball_diameter < pitch_diameter and shaft_hz > 0 are required".into());
                     }
                     for (name, f) in b.fault_frequencies() {
@@ -265,10 +276,15 @@ impl FeatureConfig {
             }
             FeatureConfig::Process(c) => {
                 if c.window == 0 || c.hop == 0 || c.hop > c.window {
-                    return err(format!("window must be >= 1 and hop in 1..=window (window {}, hop {})", c.window, c.hop));
+                    return err(format!(
+                        "window must be >= 1 and hop in 1..=window (window {}, hop {})",
+                        c.window, c.hop
+                    ));
                 }
                 if c.stats.is_empty() {
-                    return err("stats is empty: list at least one of mean, std, min, max, slope".into());
+                    return err(
+                        "stats is empty: list at least one of mean, std, min, max, slope".into(),
+                    );
                 }
                 if c.window == 1 && c.stats.iter().any(|s| *s != ProcessStat::Mean) {
                     return err("std, min, max and slope need a window of at least 2 rows".into());
@@ -294,7 +310,11 @@ impl FeatureConfig {
             match self {
                 FeatureConfig::Vibration(c) => {
                     push(ch, "acc_rms_10_1000", true);
-                    push(ch, &format!("acc_rms_{}_{}", c.broadband_hz[0], c.broadband_hz[1]), true);
+                    push(
+                        ch,
+                        &format!("acc_rms_{}_{}", c.broadband_hz[0], c.broadband_hz[1]),
+                        true,
+                    );
                     push(ch, "vel_rms_10_1000_mm_s", true);
                     push(ch, "peak", true);
                     push(ch, "crest", true);
@@ -491,9 +511,7 @@ impl Extractor {
         if repaired as f64 > MAX_REPAIRED_SHARE * total as f64 {
             return WindowOutcome::Skipped {
                 end,
-                reason: format!(
-                    "{repaired} of {total} samples in the window were NaN or infinite"
-                ),
+                reason: format!("{repaired} of {total} samples in the window were NaN or infinite"),
             };
         }
         let mut values = Vec::new();
@@ -614,7 +632,8 @@ impl Spectral {
         for (i, (b, v)) in self.buf.iter_mut().zip(x).enumerate() {
             *b = Complex::new((v - mean) * self.hann[i], 0.0);
         }
-        self.forward.process_with_scratch(&mut self.buf, &mut self.scratch);
+        self.forward
+            .process_with_scratch(&mut self.buf, &mut self.scratch);
         let scale = 2.0 / (nf * nf * self.hann_power);
         let power = |k: usize, buf: &[Complex<f64>]| buf[k].norm_sqr() * scale;
         let bins = |[lo, hi]: [f64; 2]| {
@@ -645,7 +664,8 @@ impl Spectral {
             for (e, v) in self.env.iter_mut().zip(x) {
                 *e = Complex::new(v - mean, 0.0);
             }
-            self.forward.process_with_scratch(&mut self.env, &mut self.scratch);
+            self.forward
+                .process_with_scratch(&mut self.env, &mut self.scratch);
             let keep = bins(c.envelope_band_hz);
             for (k, e) in self.env.iter_mut().enumerate() {
                 if keep.contains(&k) {
@@ -654,13 +674,15 @@ impl Spectral {
                     *e = Complex::default();
                 }
             }
-            self.inverse.process_with_scratch(&mut self.env, &mut self.scratch);
+            self.inverse
+                .process_with_scratch(&mut self.env, &mut self.scratch);
             let mags: Vec<f64> = self.env.iter().map(|e| e.norm() / nf).collect();
             let env_mean = mags.iter().sum::<f64>() / nf;
             for (i, (e, m)) in self.env.iter_mut().zip(&mags).enumerate() {
                 *e = Complex::new((m - env_mean) * self.hann[i], 0.0);
             }
-            self.forward.process_with_scratch(&mut self.env, &mut self.scratch);
+            self.forward
+                .process_with_scratch(&mut self.env, &mut self.scratch);
             let amp: Vec<f64> = self.env[..=n / 2].iter().map(|e| e.norm()).collect();
             // Noise floor: median amplitude between 1 Hz and 500 Hz (or Nyquist).
             let hi = ((500.0 / df) as usize).clamp(2, n / 2);
@@ -713,10 +735,18 @@ mod tests {
         };
         let get = |name: &str| w.values[names.iter().position(|n| n == name).expect(name)];
         let rms = 2.0 / 2f64.sqrt();
-        assert!((get("x.acc_rms_10_1000") - rms).abs() < 0.01 * rms, "{}", get("x.acc_rms_10_1000"));
+        assert!(
+            (get("x.acc_rms_10_1000") - rms).abs() < 0.01 * rms,
+            "{}",
+            get("x.acc_rms_10_1000")
+        );
         assert!((get("x.acc_rms_0_6000") - rms).abs() < 0.01 * rms);
         // 1.414 m/s² at 1000 rad/s → 1.414 mm/s.
-        assert!((get("x.vel_rms_10_1000_mm_s") - rms).abs() < 0.02 * rms, "{}", get("x.vel_rms_10_1000_mm_s"));
+        assert!(
+            (get("x.vel_rms_10_1000_mm_s") - rms).abs() < 0.02 * rms,
+            "{}",
+            get("x.vel_rms_10_1000_mm_s")
+        );
         assert!((get("x.crest") - 2f64.sqrt()).abs() < 0.01);
         assert!((get("x.kurtosis") - 1.5).abs() < 0.01);
         assert!(get("x.skewness").abs() < 0.01);
@@ -738,7 +768,11 @@ mod tests {
         let fs = 12_000.0;
         let mut c = vib(fs);
         c.bearing = Some(Bearing::cwru_drive_end(1797.0));
-        let bpfo = c.bearing.as_ref().map(|b| b.fault_frequencies()[0].1).unwrap_or(0.0);
+        let bpfo = c
+            .bearing
+            .as_ref()
+            .map(|b| b.fault_frequencies()[0].1)
+            .unwrap_or(0.0);
         assert!((bpfo - 107.36).abs() < 0.1, "BPFO {bpfo}");
         let names = c_features(&c);
         let mut ex = Extractor::new(FeatureConfig::Vibration(c), vec!["x".into()]).expect("config");
@@ -755,7 +789,12 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let get = |name: &str| w.values[names.iter().position(|n| n == name).expect(name)];
-        assert!(get("x.env_bpfo") > 10.0 * get("x.env_bpfi"), "{} vs {}", get("x.env_bpfo"), get("x.env_bpfi"));
+        assert!(
+            get("x.env_bpfo") > 10.0 * get("x.env_bpfi"),
+            "{} vs {}",
+            get("x.env_bpfo"),
+            get("x.env_bpfi")
+        );
         assert!(get("x.env_bpfo") > 10.0 * get("x.env_ftf"));
     }
 
@@ -763,7 +802,8 @@ mod tests {
     fn windows_slide_by_hop_and_nan_is_repaired_or_skipped() {
         let mut c = vib(12_000.0);
         c.hop = 1024;
-        let mut ex = Extractor::new(FeatureConfig::Vibration(c), vec!["a".into(), "b".into()]).expect("config");
+        let mut ex = Extractor::new(FeatureConfig::Vibration(c), vec!["a".into(), "b".into()])
+            .expect("config");
         let mut x = vec![0.0; 2 * (4096 + 3 * 1024)];
         for (i, v) in x.iter_mut().enumerate() {
             *v = ((i * 7919) % 101) as f64 / 50.0 - 1.0;
@@ -791,9 +831,14 @@ mod tests {
         c.sample_rate_hz = 1_000.0;
         c.window = 512;
         c.hop = 256;
-        let e = FeatureConfig::Vibration(c).validate(&["x".into()]).expect_err("must refuse");
+        let e = FeatureConfig::Vibration(c)
+            .validate(&["x".into()])
+            .expect_err("must refuse");
         let msg = e.to_string();
-        assert!(msg.contains("at least 2000 Hz") && msg.contains("1000 Hz"), "{msg}");
+        assert!(
+            msg.contains("at least 2000 Hz") && msg.contains("1000 Hz"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -807,7 +852,16 @@ mod tests {
         };
         let mut ex = Extractor::new(FeatureConfig::Process(c), vec!["p".into()]).expect("config");
         let mut got = Vec::new();
-        for (t, v) in [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (1.5, 9.0), (3.0, 4.0), (10.0, 5.0), (11.0, 6.0), (12.0, 7.0)] {
+        for (t, v) in [
+            (0.0, 1.0),
+            (1.0, 2.0),
+            (2.0, 3.0),
+            (1.5, 9.0),
+            (3.0, 4.0),
+            (10.0, 5.0),
+            (11.0, 6.0),
+            (12.0, 7.0),
+        ] {
             if let Some(WindowOutcome::Features(w)) = ex.push(&[v], Some(t)).expect("push") {
                 got.push((w.time_s, w.values));
             }

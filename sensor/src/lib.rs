@@ -19,11 +19,13 @@ pub mod features;
 pub mod linalg;
 pub mod mat;
 pub mod model;
+pub mod recording;
 
 pub use alarm::{AlarmPolicy, AlarmState, Health, MachineClass, Transition};
 pub use error::{Result, SensorError};
 pub use features::{Extractor, FeatureConfig, FeatureWindow, WindowOutcome};
-pub use model::{Contribution, ModelKind, Score, SensorModel};
+pub use model::{Contribution, FitReport, ModelKind, Score, SensorModel, ThresholdRule};
+pub use recording::Recording;
 
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +44,21 @@ pub struct SensorSpec {
     /// How the threshold was chosen, in words.
     pub threshold_method: String,
     pub training: TrainingInfo,
+    /// Learn the baseline on the device: every new stream first collects this many frames
+    /// of (assumed normal) data, fits the model and threshold on them, then scores. The
+    /// model in the artifact is then only the template (features, kind, alarm rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commissioning: Option<Commissioning>,
+}
+
+/// On-device baseline learning (how Monitron-style sensors start: the first days are
+/// assumed normal).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Commissioning {
+    /// Frames (samples or rows) to learn from.
+    pub frames: u64,
+    pub threshold: ThresholdRule,
 }
 
 /// Where the normal data came from.
@@ -84,7 +101,21 @@ pub struct Assessment {
 pub enum Event {
     Assessed(Assessment),
     /// A window that could not be scored (too many bad samples).
-    Skipped { end: u64, reason: String },
+    Skipped {
+        end: u64,
+        reason: String,
+    },
+    /// Commissioning: a window collected to learn the baseline from.
+    Learning {
+        end: u64,
+        windows: usize,
+    },
+    /// Commissioning finished: the baseline was fitted and scoring starts.
+    Learned {
+        end: u64,
+        report: FitReport,
+        threshold: f64,
+    },
 }
 
 /// Features → score → alarm state, fed frame by frame: the streaming API the device's
@@ -92,6 +123,9 @@ pub enum Event {
 pub struct Monitor {
     extractor: Extractor,
     model: SensorModel,
+    kind: ModelKind,
+    /// Commissioning still under way: the rule and the windows collected so far.
+    learning: Option<(Commissioning, Vec<Vec<f64>>)>,
     alarm: AlarmState,
     vel_features: Vec<usize>,
     /// Contributors reported per window.
@@ -121,9 +155,14 @@ impl Monitor {
             .filter(|(_, d)| d.name.ends_with(".vel_rms_10_1000_mm_s"))
             .map(|(i, _)| i)
             .collect();
+        if let Some(c) = &spec.commissioning {
+            c.threshold.validate()?;
+        }
         Ok(Monitor {
             extractor,
             model,
+            kind: spec.model,
+            learning: spec.commissioning.clone().map(|c| (c, Vec::new())),
             alarm: AlarmState::new(spec.alarm.clone()),
             vel_features,
             top_n: 3,
@@ -140,6 +179,11 @@ impl Monitor {
 
     pub fn health(&self) -> Health {
         self.alarm.health()
+    }
+
+    /// Whether the monitor is still learning its baseline.
+    pub fn is_learning(&self) -> bool {
+        self.learning.is_some()
     }
 
     /// Forgets buffered samples (the source restarted or had a gap).
@@ -167,6 +211,36 @@ impl Monitor {
     fn assess(&mut self, w: WindowOutcome) -> Result<Event> {
         match w {
             WindowOutcome::Skipped { end, reason } => Ok(Event::Skipped { end, reason }),
+            WindowOutcome::Features(w) if self.learning.is_some() => {
+                let Some((c, rows)) = &mut self.learning else {
+                    unreachable!("checked by the guard")
+                };
+                rows.push(w.values);
+                if w.end + 1 < c.frames {
+                    return Ok(Event::Learning {
+                        end: w.end,
+                        windows: rows.len(),
+                    });
+                }
+                let opts = model::FitOptions {
+                    kind: self.kind,
+                    ..model::FitOptions::default()
+                };
+                let (fitted, report) = model::fit_with_threshold(
+                    self.model.features.clone(),
+                    std::slice::from_ref(rows),
+                    &opts,
+                    &c.threshold,
+                )?;
+                let threshold = fitted.threshold;
+                self.model = fitted;
+                self.learning = None;
+                Ok(Event::Learned {
+                    end: w.end,
+                    report,
+                    threshold,
+                })
+            }
             WindowOutcome::Features(w) => {
                 let score = self.model.score(&w.values, self.top_n)?;
                 let vel = self

@@ -143,7 +143,12 @@ pub fn symmetric_eigen(m: &Square) -> (Vec<f64>, Square) {
                 off += a.get(i, j) * a.get(i, j);
             }
         }
-        let scale: f64 = a.data.iter().map(|x| x * x).sum::<f64>().max(f64::MIN_POSITIVE);
+        let scale: f64 = a
+            .data
+            .iter()
+            .map(|x| x * x)
+            .sum::<f64>()
+            .max(f64::MIN_POSITIVE);
         if off <= 1e-30 * scale {
             break;
         }
@@ -248,7 +253,9 @@ mod tests {
         // Deterministic pseudo-random rows of independent unit-variance columns.
         let mut state = 12345u64;
         let mut next = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 11) as f64 / (1u64 << 53) as f64) * 12f64.sqrt() - 3f64.sqrt()
         };
         // Strongly correlated columns: the identity target is wrong, so with many rows the
@@ -273,7 +280,11 @@ mod tests {
         let (c_many, s_many) = ledoit_wolf(&centre(&many));
         assert!(s_few > s_many, "{s_few} vs {s_many}");
         assert!(s_many < 0.05, "{s_many}");
-        assert!((c_many.get(0, 0) - 1.09).abs() < 0.1, "{}", c_many.get(0, 0));
+        assert!(
+            (c_many.get(0, 0) - 1.09).abs() < 0.1,
+            "{}",
+            c_many.get(0, 0)
+        );
     }
 
     #[test]

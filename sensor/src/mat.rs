@@ -53,12 +53,19 @@ impl<'a> Reader<'a> {
     fn err(&self, reason: impl Into<String>) -> SensorError {
         SensorError::Input {
             file: self.file.to_string(),
-            reason: format!("not a readable MATLAB v5 file: {} (at byte {})", reason.into(), self.pos),
+            reason: format!(
+                "not a readable MATLAB v5 file: {} (at byte {})",
+                reason.into(),
+                self.pos
+            ),
         }
     }
 
     fn u32_at(&self, at: usize) -> Result<u32> {
-        let b = self.data.get(at..at + 4).ok_or_else(|| self.err("truncated"))?;
+        let b = self
+            .data
+            .get(at..at + 4)
+            .ok_or_else(|| self.err("truncated"))?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
@@ -72,15 +79,27 @@ impl<'a> Reader<'a> {
                 return Err(self.err("small element larger than 4 bytes"));
             }
             let start = self.pos + 4;
-            let payload = self.data.get(start..start + size).ok_or_else(|| self.err("truncated"))?;
+            let payload = self
+                .data
+                .get(start..start + size)
+                .ok_or_else(|| self.err("truncated"))?;
             self.pos += 8;
             return Ok((ty, payload));
         }
         let size = self.u32_at(self.pos + 4)? as usize;
         let start = self.pos + 8;
-        let end = start.checked_add(size).ok_or_else(|| self.err("size overflow"))?;
-        let payload = self.data.get(start..end).ok_or_else(|| self.err("element runs past the end of the file"))?;
-        self.pos = if first == MI_COMPRESSED { end } else { end.div_ceil(8) * 8 };
+        let end = start
+            .checked_add(size)
+            .ok_or_else(|| self.err("size overflow"))?;
+        let payload = self
+            .data
+            .get(start..end)
+            .ok_or_else(|| self.err("element runs past the end of the file"))?;
+        self.pos = if first == MI_COMPRESSED {
+            end
+        } else {
+            end.div_ceil(8) * 8
+        };
         Ok((first, payload))
     }
 }
@@ -91,7 +110,9 @@ pub fn parse_mat(file: &str, bytes: &[u8]) -> Result<Vec<MatArray>> {
         reason: format!("not a readable MATLAB v5 file: {reason}"),
     };
     if bytes.len() < 128 || !bytes.starts_with(b"MATLAB 5.0") {
-        return Err(bad("no 'MATLAB 5.0' header (v7.3 files are HDF5: save with -v7 or -v6)"));
+        return Err(bad(
+            "no 'MATLAB 5.0' header (v7.3 files are HDF5: save with -v7 or -v6)",
+        ));
     }
     if &bytes[126..128] != b"IM" {
         return Err(bad("big-endian files are not supported"));
@@ -112,10 +133,13 @@ fn read_elements(file: &str, data: &[u8], out: &mut Vec<MatArray>, depth: usize)
                 }
             }
             MI_COMPRESSED if depth == 0 => {
-                let inflated = miniz_oxide::inflate::decompress_to_vec_zlib(payload).map_err(|e| SensorError::Input {
-                    file: file.to_string(),
-                    reason: format!("a compressed variable does not inflate: {e:?}"),
-                })?;
+                let inflated =
+                    miniz_oxide::inflate::decompress_to_vec_zlib(payload).map_err(|e| {
+                        SensorError::Input {
+                            file: file.to_string(),
+                            reason: format!("a compressed variable does not inflate: {e:?}"),
+                        }
+                    })?;
                 read_elements(file, &inflated, out, depth + 1)?;
             }
             _ => {}
@@ -125,7 +149,11 @@ fn read_elements(file: &str, data: &[u8], out: &mut Vec<MatArray>, depth: usize)
 }
 
 fn read_matrix(file: &str, payload: &[u8]) -> Result<Option<MatArray>> {
-    let mut r = Reader { file, data: payload, pos: 0 };
+    let mut r = Reader {
+        file,
+        data: payload,
+        pos: 0,
+    };
     if payload.is_empty() {
         return Ok(None);
     }
@@ -142,7 +170,9 @@ fn read_matrix(file: &str, payload: &[u8]) -> Result<Option<MatArray>> {
         .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]).max(0) as usize)
         .collect();
     let (_, name_raw) = r.element()?;
-    let name = String::from_utf8_lossy(name_raw).trim_end_matches('\0').to_string();
+    let name = String::from_utf8_lossy(name_raw)
+        .trim_end_matches('\0')
+        .to_string();
     let (ty, real) = r.element()?;
     let values = decode(ty, real).ok_or_else(|| SensorError::Input {
         file: file.to_string(),
@@ -152,7 +182,10 @@ fn read_matrix(file: &str, payload: &[u8]) -> Result<Option<MatArray>> {
     if values.len() != expected {
         return Err(SensorError::Input {
             file: file.to_string(),
-            reason: format!("variable '{name}' holds {} values but its dimensions {dims:?} say {expected}", values.len()),
+            reason: format!(
+                "variable '{name}' holds {} values but its dimensions {dims:?} say {expected}",
+                values.len()
+            ),
         });
     }
     let _ = complex; // the imaginary part, if any, is ignored
@@ -240,7 +273,10 @@ mod tests {
             let bytes = write_v5("X097_DE_time", &[0.5, -1.25, 3.0], compress);
             let arrays = parse_mat("t.mat", &bytes).expect("parse");
             let a = find(&arrays, "_DE_time").expect("found");
-            assert_eq!((a.name.as_str(), a.dims.as_slice(), a.values.as_slice()), ("X097_DE_time", &[3, 1][..], &[0.5, -1.25, 3.0][..]));
+            assert_eq!(
+                (a.name.as_str(), a.dims.as_slice(), a.values.as_slice()),
+                ("X097_DE_time", &[3, 1][..], &[0.5, -1.25, 3.0][..])
+            );
         }
     }
 

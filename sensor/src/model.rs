@@ -22,7 +22,9 @@ impl std::str::FromStr for ModelKind {
         match s {
             "mahalanobis" => Ok(ModelKind::Mahalanobis),
             "pca" | "t2q" | "pca-t2q" => Ok(ModelKind::Pca),
-            other => Err(format!("unknown model kind '{other}': use mahalanobis or pca")),
+            other => Err(format!(
+                "unknown model kind '{other}': use mahalanobis or pca"
+            )),
         }
     }
 }
@@ -103,12 +105,91 @@ impl Default for FitOptions {
     }
 }
 
+/// Where the decision threshold goes: the tail `holdout` share of the normal windows (in
+/// time order) is kept out of the fit, and the threshold is the `quantile` of their scores
+/// times `margin`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdRule {
+    pub holdout: f64,
+    pub quantile: f64,
+    pub margin: f64,
+}
+
+impl Default for ThresholdRule {
+    fn default() -> Self {
+        ThresholdRule {
+            holdout: 0.2,
+            quantile: 0.995,
+            margin: 1.0,
+        }
+    }
+}
+
+impl ThresholdRule {
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..0.9).contains(&self.holdout)
+            || !(0.5..=1.0).contains(&self.quantile)
+            || !(self.margin > 0.0)
+        {
+            return Err(SensorError::Config(format!(
+                "threshold rule needs holdout in [0, 0.9), quantile in [0.5, 1] and margin > 0 (got {}, {}, {})",
+                self.holdout, self.quantile, self.margin
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// What fitting noticed and the user should hear.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FitReport {
     /// Features constant in the normal data, left out of the model.
     pub constant: Vec<String>,
     pub windows: usize,
+    /// Windows held out for the threshold.
+    #[serde(default)]
+    pub holdout_windows: usize,
+    /// How the threshold was chosen, in words.
+    #[serde(default)]
+    pub threshold_method: String,
+}
+
+/// Fits on normal windows grouped by recording (each in time order) and sets the
+/// threshold by `rule` on the tail of each recording.
+pub fn fit_with_threshold(
+    features: Vec<FeatureDef>,
+    recordings: &[Vec<Vec<f64>>],
+    opts: &FitOptions,
+    rule: &ThresholdRule,
+) -> Result<(SensorModel, FitReport)> {
+    rule.validate()?;
+    let (mut fit, mut hold) = (Vec::new(), Vec::new());
+    for rows in recordings {
+        let h = ((rows.len() as f64) * rule.holdout).round() as usize;
+        let split = rows.len() - h.min(rows.len());
+        fit.extend_from_slice(&rows[..split]);
+        hold.extend_from_slice(&rows[split..]);
+    }
+    let (mut model, mut report) = SensorModel::fit(features, &fit, opts)?;
+    let (rows, on) = if hold.is_empty() {
+        (&fit, "the training windows (no hold-out)")
+    } else {
+        (&hold, "held-out normal windows")
+    };
+    model.set_threshold_quantile(rows, rule.quantile, rule.margin)?;
+    report.holdout_windows = hold.len();
+    report.threshold_method = format!(
+        "{:.2} % quantile of the scores of {} {on}{}",
+        rule.quantile * 100.0,
+        rows.len(),
+        if (rule.margin - 1.0).abs() > 1e-12 {
+            format!(", times {}", rule.margin)
+        } else {
+            String::new()
+        }
+    );
+    Ok((model, report))
 }
 
 fn transform(def: &FeatureDef, v: f64) -> f64 {
@@ -122,10 +203,16 @@ fn transform(def: &FeatureDef, v: f64) -> f64 {
 impl SensorModel {
     /// Fits on normal windows (raw feature vectors). The threshold is left at 1.0: set it
     /// with [`SensorModel::set_threshold_quantile`] on held-out normal windows.
-    pub fn fit(features: Vec<FeatureDef>, rows: &[Vec<f64>], opts: &FitOptions) -> Result<(Self, FitReport)> {
+    pub fn fit(
+        features: Vec<FeatureDef>,
+        rows: &[Vec<f64>],
+        opts: &FitOptions,
+    ) -> Result<(Self, FitReport)> {
         let d_all = features.len();
         if rows.iter().any(|r| r.len() != d_all) {
-            return Err(SensorError::BadModel("a feature row has the wrong length".into()));
+            return Err(SensorError::BadModel(
+                "a feature row has the wrong length".into(),
+            ));
         }
         let min_rows = 10;
         if rows.len() < min_rows {
@@ -136,10 +223,17 @@ impl SensorModel {
         }
         let t: Vec<Vec<f64>> = rows
             .iter()
-            .map(|r| r.iter().zip(&features).map(|(v, f)| transform(f, *v)).collect())
+            .map(|r| {
+                r.iter()
+                    .zip(&features)
+                    .map(|(v, f)| transform(f, *v))
+                    .collect()
+            })
             .collect();
         if t.iter().flatten().any(|v| !v.is_finite()) {
-            return Err(SensorError::BadModel("normal data produced a non-finite feature".into()));
+            return Err(SensorError::BadModel(
+                "normal data produced a non-finite feature".into(),
+            ));
         }
         let mean_all = linalg::column_means(&t);
         let mut used = Vec::new();
@@ -166,7 +260,12 @@ impl SensorModel {
         let std: Vec<f64> = used.iter().map(|&j| std_all[j]).collect();
         let z: Vec<Vec<f64>> = t
             .iter()
-            .map(|r| used.iter().enumerate().map(|(k, &j)| (r[j] - mean[k]) / std[k]).collect())
+            .map(|r| {
+                used.iter()
+                    .enumerate()
+                    .map(|(k, &j)| (r[j] - mean[k]) / std[k])
+                    .collect()
+            })
             .collect();
         let d = used.len();
         let detector = match opts.kind {
@@ -200,7 +299,9 @@ impl SensorModel {
                 }
                 let k = k.clamp(1, d.saturating_sub(1).max(1));
                 let explained = vals[..k].iter().map(|v| v.max(0.0)).sum::<f64>() / total;
-                let components: Vec<Vec<f64>> = (0..k).map(|c| (0..d).map(|i| vecs.get(c, i)).collect()).collect();
+                let components: Vec<Vec<f64>> = (0..k)
+                    .map(|c| (0..d).map(|i| vecs.get(c, i)).collect())
+                    .collect();
                 let eigenvalues: Vec<f64> = vals[..k].iter().map(|v| v.max(1e-12)).collect();
                 let mut det = Detector::Pca {
                     components,
@@ -212,7 +313,10 @@ impl SensorModel {
                 let stats: Vec<(f64, f64)> = z.iter().map(|r| pca_stats(&det, r)).collect();
                 let t2: Vec<f64> = stats.iter().map(|s| s.0).collect();
                 let q: Vec<f64> = stats.iter().map(|s| s.1).collect();
-                if let Detector::Pca { t2_limit, q_limit, .. } = &mut det {
+                if let Detector::Pca {
+                    t2_limit, q_limit, ..
+                } = &mut det
+                {
                     *t2_limit = linalg::quantile(&t2, opts.pca_limit_quantile).max(1e-12);
                     *q_limit = linalg::quantile(&q, opts.pca_limit_quantile).max(1e-12);
                 }
@@ -242,18 +346,27 @@ impl SensorModel {
         if self.used.iter().any(|&j| j >= self.features.len()) {
             return bad("a used feature index is out of range");
         }
-        if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) || !(self.threshold.is_finite() && self.threshold > 0.0) {
+        if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+            || !(self.threshold.is_finite() && self.threshold > 0.0)
+        {
             return bad("std and threshold must be positive");
         }
         match &self.detector {
-            Detector::Mahalanobis { precision, .. } if precision.len() != d * d => bad("precision matrix has the wrong size"),
-            Detector::Pca { components, eigenvalues, t2_limit, q_limit, .. }
-                if components.len() != eigenvalues.len()
-                    || components.is_empty()
-                    || components.iter().any(|c| c.len() != d)
-                    || eigenvalues.iter().any(|l| *l <= 0.0)
-                    || *t2_limit <= 0.0
-                    || *q_limit <= 0.0 =>
+            Detector::Mahalanobis { precision, .. } if precision.len() != d * d => {
+                bad("precision matrix has the wrong size")
+            }
+            Detector::Pca {
+                components,
+                eigenvalues,
+                t2_limit,
+                q_limit,
+                ..
+            } if components.len() != eigenvalues.len()
+                || components.is_empty()
+                || components.iter().any(|c| c.len() != d)
+                || eigenvalues.iter().any(|l| *l <= 0.0)
+                || *t2_limit <= 0.0
+                || *q_limit <= 0.0 =>
             {
                 bad("PCA parameters are inconsistent")
             }
@@ -291,7 +404,9 @@ impl SensorModel {
                 }
                 acc / d as f64
             }
-            Detector::Pca { t2_limit, q_limit, .. } => {
+            Detector::Pca {
+                t2_limit, q_limit, ..
+            } => {
                 let (t2, q) = pca_stats(&self.detector, &z);
                 (t2 / t2_limit).max(q / q_limit)
             }
@@ -310,7 +425,13 @@ impl SensorModel {
         let d = z.len();
         let contrib: Vec<f64> = match &self.detector {
             Detector::Mahalanobis { precision, .. } => (0..d)
-                .map(|i| z[i] * precision[i * d..(i + 1) * d].iter().zip(&z).map(|(a, b)| a * b).sum::<f64>())
+                .map(|i| {
+                    z[i] * precision[i * d..(i + 1) * d]
+                        .iter()
+                        .zip(&z)
+                        .map(|(a, b)| a * b)
+                        .sum::<f64>()
+                })
                 .collect(),
             Detector::Pca {
                 components,
@@ -319,7 +440,10 @@ impl SensorModel {
                 q_limit,
                 ..
             } => {
-                let t: Vec<f64> = components.iter().map(|c| c.iter().zip(&z).map(|(a, b)| a * b).sum()).collect();
+                let t: Vec<f64> = components
+                    .iter()
+                    .map(|c| c.iter().zip(&z).map(|(a, b)| a * b).sum())
+                    .collect();
                 let mut recon = vec![0.0; d];
                 for (c, tj) in components.iter().zip(&t) {
                     for (r, p) in recon.iter_mut().zip(c) {
@@ -364,11 +488,21 @@ impl SensorModel {
 
     /// Sets the threshold at the `q` quantile of `rows`' raw scores (held-out normal data),
     /// times `margin`. Returns the threshold.
-    pub fn set_threshold_quantile(&mut self, rows: &[Vec<f64>], q: f64, margin: f64) -> Result<f64> {
+    pub fn set_threshold_quantile(
+        &mut self,
+        rows: &[Vec<f64>],
+        q: f64,
+        margin: f64,
+    ) -> Result<f64> {
         if rows.is_empty() {
-            return Err(SensorError::TooLittleData("no held-out normal windows to set the threshold on".into()));
+            return Err(SensorError::TooLittleData(
+                "no held-out normal windows to set the threshold on".into(),
+            ));
         }
-        let scores = rows.iter().map(|r| self.raw_score(r)).collect::<Result<Vec<_>>>()?;
+        let scores = rows
+            .iter()
+            .map(|r| self.raw_score(r))
+            .collect::<Result<Vec<_>>>()?;
         self.threshold = (linalg::quantile(&scores, q) * margin).max(1e-12);
         Ok(self.threshold)
     }
@@ -376,7 +510,12 @@ impl SensorModel {
 
 /// (T², Q) of a standardized vector.
 fn pca_stats(det: &Detector, z: &[f64]) -> (f64, f64) {
-    let Detector::Pca { components, eigenvalues, .. } = det else {
+    let Detector::Pca {
+        components,
+        eigenvalues,
+        ..
+    } = det
+    else {
         return (0.0, 0.0);
     };
     let mut t2 = 0.0;
@@ -398,9 +537,14 @@ mod tests {
     fn normal_rows(n: usize, seed: u64) -> Vec<Vec<f64>> {
         let mut s = seed;
         let mut next = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             // Sum of uniforms ~ roughly normal.
-            (0..6).map(|_| ((s >> 11) as f64 / (1u64 << 53) as f64)).sum::<f64>() - 3.0
+            (0..6)
+                .map(|_| ((s >> 11) as f64 / (1u64 << 53) as f64))
+                .sum::<f64>()
+                - 3.0
         };
         (0..n)
             .map(|_| {
@@ -413,7 +557,10 @@ mod tests {
     fn defs() -> Vec<FeatureDef> {
         ["a", "b", "c", "constant"]
             .iter()
-            .map(|n| FeatureDef { name: n.to_string(), log: false })
+            .map(|n| FeatureDef {
+                name: n.to_string(),
+                log: false,
+            })
             .collect()
     }
 
@@ -421,10 +568,14 @@ mod tests {
     fn both_models_flag_a_broken_correlation_and_name_the_feature() {
         let rows = normal_rows(2000, 7);
         for kind in [ModelKind::Mahalanobis, ModelKind::Pca] {
-            let opts = FitOptions { kind, ..FitOptions::default() };
+            let opts = FitOptions {
+                kind,
+                ..FitOptions::default()
+            };
             let (mut m, report) = SensorModel::fit(defs(), &rows, &opts).expect("fit");
             assert_eq!(report.constant, vec!["constant".to_string()]);
-            m.set_threshold_quantile(&normal_rows(500, 99), 0.995, 1.0).expect("threshold");
+            m.set_threshold_quantile(&normal_rows(500, 99), 0.995, 1.0)
+                .expect("threshold");
             m.validate().expect("valid");
             // Normal-looking point: under the threshold.
             let ok = m.score(&[0.5, 0.52, -0.3, 5.0], 2).expect("score");
@@ -433,13 +584,17 @@ mod tests {
             let bad = m.score(&[1.0, -1.0, 0.0, 5.0], 2).expect("score");
             assert!(bad.normalized > 3.0, "{kind:?}: {bad:?}");
             let names: Vec<&str> = bad.top.iter().map(|c| c.feature.as_str()).collect();
-            assert!(names.contains(&"a") && names.contains(&"b"), "{kind:?}: {names:?}");
+            assert!(
+                names.contains(&"a") && names.contains(&"b"),
+                "{kind:?}: {names:?}"
+            );
         }
     }
 
     #[test]
     fn too_few_windows_and_all_constant_are_refused() {
-        let e = SensorModel::fit(defs(), &normal_rows(5, 1), &FitOptions::default()).expect_err("refuse");
+        let e = SensorModel::fit(defs(), &normal_rows(5, 1), &FitOptions::default())
+            .expect_err("refuse");
         assert!(e.to_string().contains("at least 10"), "{e}");
         let flat = vec![vec![1.0, 2.0, 3.0, 4.0]; 50];
         let e = SensorModel::fit(defs(), &flat, &FitOptions::default()).expect_err("refuse");
