@@ -105,7 +105,8 @@ fn feature_config(
     let is_mat = first
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("mat"));
-    if is_mat {
+    // Raw vibration: MATLAB recordings, or any recording given a sampling rate.
+    if is_mat || opts.sample_rate_hz.is_some() {
         let fs = opts.sample_rate_hz.ok_or_else(|| {
             opt_err("vibration recordings (.mat) carry no sampling rate: give --sample-rate HZ (CWRU: 12000 or 48000)")
         })?;

@@ -555,3 +555,292 @@ fn train_and_eval_on_an_mvtec_layout_with_an_html_report() {
         "worst misses with overlays"
     );
 }
+
+/// Sensor models on generated pump data (process signals at 1 Hz, SKAB's CSV format): the
+/// real datasets are exercised by the ignored tests in `tests/` and by `.ci/run`.
+mod sensor {
+    use super::{assert_clear_error, neoc};
+    use std::fmt::Write as _;
+    use std::path::Path;
+
+    /// Deterministic noise, roughly normal.
+    struct Noise(u64);
+    impl Noise {
+        fn next(&mut self) -> f64 {
+            let mut acc = 0.0;
+            for _ in 0..6 {
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                acc += (self.0 >> 11) as f64 / (1u64 << 53) as f64;
+            }
+            acc - 3.0
+        }
+    }
+
+    /// `rows` rows from 2020-03-09 10:00:00, 1 s apart. Flow and pressure are coupled;
+    /// rows in `anomaly` get a partly closed valve: flow falls and pressure rises.
+    fn pump_csv(
+        path: &Path,
+        rows: usize,
+        seed: u64,
+        anomaly: std::ops::Range<usize>,
+        damage: bool,
+    ) {
+        let mut n = Noise(seed);
+        let mut s = String::from("datetime;Flow;Pressure;Current;Const;anomaly;changepoint\n");
+        for i in 0..rows {
+            let bad = anomaly.contains(&i);
+            let flow = 32.0 + 0.4 * n.next() - if bad { 2.5 } else { 0.0 };
+            let pressure =
+                0.1 + 0.05 * (flow - 32.0) + 0.01 * n.next() + if bad { 0.15 } else { 0.0 };
+            let current = 1.0 + 0.02 * n.next();
+            let t = 36_000 + i;
+            let mut flow_cell = format!("{flow:.4}");
+            if damage && i == 50 {
+                flow_cell = "NaN".into();
+            }
+            let _ = writeln!(
+                s,
+                "2020-03-09 {:02}:{:02}:{:02};{flow_cell};{pressure:.5};{current:.4};5.0;{};0",
+                t / 3600,
+                (t / 60) % 60,
+                t % 60,
+                u8::from(bad)
+            );
+        }
+        std::fs::write(path, s).unwrap();
+    }
+
+    #[test]
+    fn train_then_eval_on_skab_style_csv_finds_the_valve_fault() {
+        let dir = tempfile::tempdir().unwrap();
+        let normal = dir.path().join("normal.csv");
+        pump_csv(&normal, 900, 1, 0..0, true);
+        let test_dir = dir.path().join("valve");
+        std::fs::create_dir(&test_dir).unwrap();
+        for (k, seed) in [(0, 2u64), (1, 3)] {
+            pump_csv(
+                &test_dir.join(format!("{k}.csv")),
+                700,
+                seed,
+                300..500,
+                false,
+            );
+        }
+        let model = dir.path().join("pump.neo");
+        let (code, _, stderr) = neoc(&[
+            "train",
+            "sensor",
+            "--normal",
+            normal.to_str().unwrap(),
+            "--window",
+            "5",
+            "--stats",
+            "mean,std",
+            "--model",
+            "pca",
+            "-o",
+            model.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        // The constant column is named and left out; the NaN cell was repaired and counted.
+        assert!(
+            stderr.contains("left out of the model: Const.mean, Const.std"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("samples repaired"), "{stderr}");
+        let (code, stdout, stderr) = neoc(&[
+            "eval",
+            "sensor",
+            model.to_str().unwrap(),
+            "--dataset",
+            test_dir.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(r["dataset"], "skab");
+        let f1 = r["alarm"]["f1"].as_f64().unwrap();
+        let far = r["alarm"]["far_pct"].as_f64().unwrap();
+        assert!(f1 > 0.9 && far < 5.0, "F1 {f1}, FAR {far}: {stdout}");
+        // The same model streams: Healthy until the valve closes, then an alarm naming flow
+        // or pressure, then Healthy again after it reopens.
+        let artifact = neo_runtime::SensorArtifact::open(&model).unwrap();
+        let rec =
+            neo_sensor::recording::load(&test_dir.join("0.csv"), Some(&artifact.spec().channels))
+                .unwrap();
+        let mut monitor = artifact.monitor().unwrap();
+        let mut changes = Vec::new();
+        for i in 0..rec.frames() {
+            if let Some(neo_sensor::Event::Assessed(a)) = monitor
+                .push(rec.frame(i), rec.times.as_ref().map(|t| t[i]))
+                .unwrap()
+            {
+                if a.transition.changed() {
+                    changes.push((a.end, a.transition.health, a.score.top[0].feature.clone()));
+                }
+            }
+        }
+        let first = &changes[0];
+        assert!((300..310).contains(&first.0), "{changes:?}");
+        assert!(
+            first.2.starts_with("Flow") || first.2.starts_with("Pressure"),
+            "{changes:?}"
+        );
+        assert!(
+            changes.iter().any(|c| c.1 == neo_sensor::Health::Alarm),
+            "{changes:?}"
+        );
+        let last = changes.last().unwrap();
+        assert!(
+            last.1 == neo_sensor::Health::Healthy && (500..515).contains(&last.0),
+            "{changes:?}"
+        );
+    }
+
+    #[test]
+    fn commissioning_learns_each_stream_and_scores_only_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let normal = dir.path().join("normal.csv");
+        pump_csv(&normal, 300, 5, 0..0, false);
+        let test_dir = dir.path().join("runs");
+        std::fs::create_dir(&test_dir).unwrap();
+        pump_csv(&test_dir.join("0.csv"), 700, 6, 450..600, false);
+        let model = dir.path().join("pump.neo");
+        let (code, _, stderr) = neoc(&[
+            "train",
+            "sensor",
+            "--normal",
+            normal.to_str().unwrap(),
+            "--commission",
+            "300",
+            "-o",
+            model.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        let (code, stdout, stderr) = neoc(&[
+            "eval",
+            model.to_str().unwrap(),
+            "--dataset",
+            test_dir.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        // The first 300 rows were learned from, not scored.
+        assert_eq!(r["files"][0]["rows"], 400);
+        assert!(r["alarm"]["f1"].as_f64().unwrap() > 0.9, "{stdout}");
+        // A recording shorter than the commissioning period is refused with what to do.
+        pump_csv(&test_dir.join("0.csv"), 200, 7, 0..0, false);
+        assert_clear_error(
+            &[
+                "eval",
+                "sensor",
+                model.to_str().unwrap(),
+                "--dataset",
+                test_dir.to_str().unwrap(),
+            ],
+            &["ended before commissioning", "--commission"],
+        );
+    }
+
+    #[test]
+    fn bad_sensor_input_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let normal = dir.path().join("normal.csv");
+        pump_csv(&normal, 100, 9, 0..0, false);
+        let out = dir.path().join("m.neo");
+        let (n, o) = (normal.to_str().unwrap(), out.to_str().unwrap());
+        // A missing column: named, with the ones the file has.
+        assert_clear_error(
+            &[
+                "train",
+                "sensor",
+                "--normal",
+                n,
+                "--channels",
+                "Flow,Temperature",
+                "-o",
+                o,
+            ],
+            &["'Temperature'", "datetime, Flow, Pressure"],
+        );
+        // Raw samples at 1 kHz cannot give the 10-1,000 Hz band.
+        assert_clear_error(
+            &[
+                "train",
+                "sensor",
+                "--normal",
+                n,
+                "--sample-rate",
+                "1000",
+                "-o",
+                o,
+            ],
+            &["at least 2000 Hz", "1000 Hz"],
+        );
+        // Every channel constant: refused, not a model of NaNs.
+        assert_clear_error(
+            &[
+                "train",
+                "sensor",
+                "--normal",
+                n,
+                "--channels",
+                "Const",
+                "-o",
+                o,
+            ],
+            &["constant"],
+        );
+        // Too few windows.
+        assert_clear_error(
+            &["train", "sensor", "--normal", n, "--window", "95", "-o", o],
+            &["at least 10"],
+        );
+        // Not a recording.
+        let junk = dir.path().join("x.parquet");
+        std::fs::write(&junk, b"PAR1").unwrap();
+        assert_clear_error(
+            &[
+                "train",
+                "sensor",
+                "--normal",
+                junk.to_str().unwrap(),
+                "-o",
+                o,
+            ],
+            &["unknown file type"],
+        );
+        // A corrupt MATLAB file.
+        let mat = dir.path().join("x.mat");
+        std::fs::write(&mat, b"MATLAB 5.0 MAT-file").unwrap();
+        assert_clear_error(
+            &[
+                "train",
+                "sensor",
+                "--normal",
+                mat.to_str().unwrap(),
+                "--sample-rate",
+                "12000",
+                "-o",
+                o,
+            ],
+            &["MATLAB v5"],
+        );
+        // Evaluating a vision model as a sensor model, and a folder without labels.
+        let (code, _, stderr) = neoc(&["train", "sensor", "--normal", n, "-o", o]);
+        assert_eq!(code, 0, "{stderr}");
+        let empty = dir.path().join("unlabelled");
+        std::fs::create_dir(&empty).unwrap();
+        std::fs::write(
+            empty.join("a.csv"),
+            "time,Flow,Pressure,Current,Const\n1,2,3,4,5\n",
+        )
+        .unwrap();
+        assert_clear_error(
+            &["eval", "sensor", o, "--dataset", empty.to_str().unwrap()],
+            &["no `anomaly` column"],
+        );
+    }
+}

@@ -57,12 +57,29 @@ enum Command {
         #[arg(long, short)]
         out: PathBuf,
     },
+    /// Replay a recording through a sensor model (features → score → Healthy/Warning/Alarm):
+    /// one JSON line per state change (or per window with --all), then a summary line.
+    ///
+    /// Example: neo-run sensor pump.neo skab/valve1/0.csv
+    Sensor {
+        model: PathBuf,
+        /// Recording: .csv (process data, `;` or `,` separated) or .mat (MATLAB v5).
+        input: PathBuf,
+        /// Print every window, not only state changes.
+        #[arg(long)]
+        all: bool,
+    },
     /// Measure load time and per-image latency (p50, p99) on this device; prints JSON.
+    /// Sensor models: replays --input as fast as possible (windows/s, share of one core a
+    /// live stream at the model's sampling rate needs).
     Bench {
         model: PathBuf,
         /// Image to run on (decoded once; preprocessing and inference are timed).
+        #[arg(long, required_unless_present = "input")]
+        image: Option<PathBuf>,
+        /// Sensor models: the recording to replay.
         #[arg(long)]
-        image: PathBuf,
+        input: Option<PathBuf>,
         /// Timed runs after warm-up.
         #[arg(long, default_value_t = 50)]
         runs: usize,
@@ -150,6 +167,129 @@ fn bench(
         "preprocess_ms": stats(&pre),
         "inference_ms": stats(&inf),
         "end_to_end_ms": stats(&total),
+    }))
+}
+
+fn assessment_json(a: &neo_sensor::Assessment) -> serde_json::Value {
+    serde_json::json!({
+        "end": a.end,
+        "time_s": a.time_s,
+        "health": a.transition.health.as_str(),
+        "previous": a.transition.previous.as_str(),
+        "cause": a.transition.cause,
+        "score": a.score.normalized,
+        "zone": a.transition.zone.map(String::from),
+        "vel_rms_mm_s": a.vel_rms_mm_s,
+        "top": a.score.top,
+    })
+}
+
+/// `neo-run sensor`: replay a recording, print state changes (or every window).
+fn sensor_replay(model: &Path, input: &Path, all: bool) -> Result<bool> {
+    use neo_sensor::Event;
+    let artifact = neo_runtime::SensorArtifact::open(model)?;
+    let spec = artifact.spec();
+    let rec = neo_sensor::recording::load(input, Some(&spec.channels))
+        .with_context(|| format!("reading {}", input.display()))?;
+    let mut monitor = artifact.monitor()?;
+    let mut out = std::io::stdout().lock();
+    let (mut windows, mut skipped, mut changes) = (0u64, 0u64, 0u64);
+    let mut worst = neo_sensor::Health::Healthy;
+    for i in 0..rec.frames() {
+        let t = rec.times.as_ref().map(|t| t[i]);
+        match monitor.push(rec.frame(i), t)? {
+            Some(Event::Assessed(a)) => {
+                windows += 1;
+                worst = worst.max(a.transition.health);
+                if a.transition.changed() {
+                    changes += 1;
+                }
+                if all || a.transition.changed() {
+                    writeln!(out, "{}", assessment_json(&a))?;
+                }
+            }
+            Some(Event::Skipped { end, reason }) => {
+                skipped += 1;
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"end": end, "skipped": reason})
+                )?;
+            }
+            Some(Event::Learned {
+                end,
+                report,
+                threshold,
+            }) => {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"end": end, "commissioned": {"windows": report.windows, "threshold": threshold, "method": report.threshold_method, "constant_features": report.constant}})
+                )?;
+            }
+            Some(Event::Learning { .. }) | None => {}
+        }
+    }
+    let ex = monitor.extractor();
+    writeln!(
+        out,
+        "{}",
+        serde_json::json!({
+            "summary": {
+                "file": rec.file,
+                "frames": rec.frames(),
+                "windows": windows,
+                "skipped_windows": skipped,
+                "state_changes": changes,
+                "worst": worst.as_str(),
+                "final": monitor.health().as_str(),
+                "bad_values": rec.bad_values,
+                "out_of_order_rows": ex.out_of_order,
+                "gaps": ex.gaps,
+                "still_learning": monitor.is_learning(),
+            }
+        })
+    )?;
+    Ok(true)
+}
+
+/// `neo-run bench` on a sensor model: replays the recording `runs` times (at most 5).
+fn sensor_bench(model: &Path, input: &Path, runs: usize) -> Result<serde_json::Value> {
+    let artifact = neo_runtime::SensorArtifact::open(model)?;
+    let spec = artifact.spec();
+    let rec = neo_sensor::recording::load(input, Some(&spec.channels))
+        .with_context(|| format!("reading {}", input.display()))?;
+    let mut best = f64::INFINITY;
+    let mut windows = 0u64;
+    for _ in 0..runs.clamp(1, 5) {
+        let mut monitor = artifact.monitor()?;
+        let start = Instant::now();
+        let mut n = 0u64;
+        for i in 0..rec.frames() {
+            let t = rec.times.as_ref().map(|t| t[i]);
+            if let Some(neo_sensor::Event::Assessed(_)) = monitor.push(rec.frame(i), t)? {
+                n += 1;
+            }
+        }
+        best = best.min(start.elapsed().as_secs_f64());
+        windows = n;
+    }
+    let rate = match &spec.features {
+        neo_sensor::FeatureConfig::Vibration(c) => Some(c.sample_rate_hz),
+        neo_sensor::FeatureConfig::Process(_) => None,
+    };
+    let stream_s = rate.map(|r| rec.frames() as f64 / r);
+    Ok(serde_json::json!({
+        "model": artifact.manifest.name,
+        "input": input.display().to_string(),
+        "channels": spec.channels,
+        "frames": rec.frames(),
+        "windows": windows,
+        "seconds": best,
+        "windows_per_s": windows as f64 / best.max(1e-12),
+        "us_per_window": 1e6 * best / (windows.max(1) as f64),
+        "signal_seconds": stream_s,
+        "core_pct_at_stream_rate": stream_s.map(|s| 100.0 * best / s),
     }))
 }
 
@@ -291,15 +431,32 @@ fn run(cli: Cli) -> Result<bool> {
             }
             Ok(true)
         }
+        Command::Sensor { model, input, all } => sensor_replay(&model, &input, all),
         Command::Bench {
             model,
             image,
+            input,
             runs,
             warmup,
             loads,
             threads,
         } => {
-            println!("{}", bench(threads, &model, &image, runs, warmup, loads)?);
+            let is_sensor = neo_runtime::Artifact::open(&model)?
+                .manifest
+                .sensor
+                .is_some();
+            let report = match (is_sensor, image, input) {
+                (true, _, Some(input)) => sensor_bench(&model, &input, runs)?,
+                (true, _, None) => anyhow::bail!(
+                    "{} is a sensor model: give --input RECORDING",
+                    model.display()
+                ),
+                (false, Some(image), _) => bench(threads, &model, &image, runs, warmup, loads)?,
+                (false, None, _) => {
+                    anyhow::bail!("{} is a vision model: give --image FILE", model.display())
+                }
+            };
+            println!("{report}");
             Ok(true)
         }
         Command::Classify {
