@@ -439,7 +439,7 @@ fn files_with(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
             }
         }
     }
-    out.sort_by(|a, b| natural_key(a).cmp(&natural_key(b)));
+    out.sort_by_key(|p| natural_key(p));
     Ok(out)
 }
 

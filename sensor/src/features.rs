@@ -485,7 +485,7 @@ impl Extractor {
     /// window completed on the way.
     pub fn push_interleaved(&mut self, samples: &[f64]) -> Result<Vec<WindowOutcome>> {
         let c = self.channels.len();
-        if samples.len() % c != 0 {
+        if !samples.len().is_multiple_of(c) {
             return Err(SensorError::Config(format!(
                 "{} samples is not a whole number of {c}-channel frames",
                 samples.len()

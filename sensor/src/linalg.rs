@@ -66,10 +66,10 @@ pub fn covariance(centred: &[Vec<f64>]) -> Square {
     let d = centred.first().map_or(0, Vec::len);
     let mut c = Square::zeros(d);
     for r in centred {
-        for i in 0..d {
-            let ri = r[i];
-            for j in i..d {
-                c.data[i * d + j] += ri * r[j];
+        for (i, ri) in r.iter().enumerate() {
+            let row = &mut c.data[i * d..(i + 1) * d];
+            for (cij, rj) in row[i..].iter_mut().zip(&r[i..]) {
+                *cij += ri * rj;
             }
         }
     }
@@ -226,9 +226,9 @@ mod tests {
             [0.5, 0.3, 2.0, 0.7],
             [0.2, 0.1, 0.7, 1.0],
         ];
-        for i in 0..4 {
-            for j in 0..4 {
-                m.set(i, j, vals[i][j]);
+        for (i, row) in vals.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                m.set(i, j, *v);
             }
         }
         let (l, v) = symmetric_eigen(&m);

@@ -230,7 +230,7 @@ mod tests {
         header[124..126].copy_from_slice(&0x0100u16.to_le_bytes());
         header[126..128].copy_from_slice(b"IM");
         let pad = |v: &mut Vec<u8>| {
-            while v.len() % 8 != 0 {
+            while !v.len().is_multiple_of(8) {
                 v.push(0);
             }
         };

@@ -130,7 +130,8 @@ impl ThresholdRule {
     pub fn validate(&self) -> Result<()> {
         if !(0.0..0.9).contains(&self.holdout)
             || !(0.5..=1.0).contains(&self.quantile)
-            || !(self.margin > 0.0)
+            || self.margin.is_nan()
+            || self.margin <= 0.0
         {
             return Err(SensorError::Config(format!(
                 "threshold rule needs holdout in [0, 0.9), quantile in [0.5, 1] and margin > 0 (got {}, {}, {})",
@@ -542,7 +543,7 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             // Sum of uniforms ~ roughly normal.
             (0..6)
-                .map(|_| ((s >> 11) as f64 / (1u64 << 53) as f64))
+                .map(|_| (s >> 11) as f64 / (1u64 << 53) as f64)
                 .sum::<f64>()
                 - 3.0
         };
