@@ -117,7 +117,8 @@ fn bottle_detector_from_good_images_reaches_auroc_099() {
 mod station {
     use super::repo;
     use neo_e2e::{Broker, Subscriber};
-    use neo_gateway::station::{self, config::StationConfig, RunOptions};
+    use neo_gateway::station::config::{SensorSourceConfig, StationConfig};
+    use neo_gateway::station::{self, RunOptions};
     use std::path::Path;
     use std::time::Duration;
 
@@ -245,6 +246,76 @@ ok_fraction = 0.0
     }
 
     #[test]
+    fn sensor_source_raises_and_clears_an_alarm_naming_the_features() {
+        let dir = tempfile::tempdir().unwrap();
+        compiled_classifier(dir.path());
+        copy_samples(&dir.path().join("frames"));
+        let pump = dir.path().join("pump.neo");
+        let mut opts = super::sensor::options(&repo().join("models/pump-sensor/normal.csv"), &pump);
+        opts.window = Some(5);
+        opts.stats = vec![
+            neo_sensor::features::ProcessStat::Mean,
+            neo_sensor::features::ProcessStat::Std,
+        ];
+        neoc::sensor::train_sensor(&opts, &neo_boards::Boards::shipped()).unwrap();
+        let broker = Broker::start();
+        let sub = Subscriber::start(broker.port, "e2e-sensor", "neo/e2e/l1/st1/#");
+        let mut config = station_toml(dir.path(), broker.port, "frames", "loop = false");
+        config.sensors.push(SensorSourceConfig {
+            name: "pump1".into(),
+            model: pump,
+            path: repo().join("models/pump-sensor/replay.csv"),
+            rate_hz: 1000.0,
+            repeat: false,
+            publish_every: 10,
+        });
+        let summary = station::run(
+            config,
+            RunOptions {
+                duration: Some(Duration::from_secs(60)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // 240 rows, windows of 5 with hop 1.
+        assert_eq!(
+            (summary.sensor_windows, summary.sensor_state_changes),
+            (236, 2),
+            "{summary:?}"
+        );
+        let alarms = sub.wait_for("alarm", 2, Duration::from_secs(10));
+        let states: Vec<&serde_json::Value> = alarms
+            .iter()
+            .map(|a| &a.data)
+            .filter(|d| d["alarm"] == "sensor_state")
+            .collect();
+        assert_eq!(states.len(), 2, "{alarms:?}");
+        // The valve closes at row 80 and reopens at row 160 (models/tools/make_pump_sample.py).
+        assert_eq!(
+            (&states[0]["previous"], &states[0]["health"]),
+            (&"healthy".into(), &"alarm".into())
+        );
+        let top = states[0]["top"][0]["feature"].as_str().unwrap();
+        assert!(
+            [
+                "Volume Flow RateRMS",
+                "Pressure",
+                "Accelerometer1RMS",
+                "Current"
+            ]
+            .iter()
+            .any(|c| top.starts_with(c)),
+            "{top}"
+        );
+        assert_eq!(states[1]["health"], "healthy");
+        let readings = sub.wait_for("sensor", 23, Duration::from_secs(10));
+        assert_eq!(readings.len(), 23, "a reading every 10 windows");
+        assert!(readings
+            .iter()
+            .all(|r| r.data["sensor"] == "pump1" && r.data["score"].as_f64().is_some()));
+    }
+
+    #[test]
     fn corrupt_model_and_vanished_camera_fail_safe_and_a_dead_broker_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
         copy_samples(&dir.path().join("frames"));
@@ -356,7 +427,7 @@ mod sensor {
     use neoc::sensor::{eval_sensor, train_sensor, SensorEvalReport, SensorTrainOptions};
     use std::path::Path;
 
-    fn options(normal: &Path, out: &Path) -> SensorTrainOptions {
+    pub(super) fn options(normal: &Path, out: &Path) -> SensorTrainOptions {
         SensorTrainOptions {
             normal: vec![normal.to_path_buf()],
             channels: None,

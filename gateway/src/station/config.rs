@@ -21,6 +21,9 @@ pub struct StationConfig {
     #[serde(default)]
     pub cameras: Vec<CameraConfig>,
     pub inspection: InspectionConfig,
+    /// Sensor sources, each with its sensor model (vibration or process anomaly detection).
+    #[serde(default)]
+    pub sensors: Vec<SensorSourceConfig>,
     #[serde(default)]
     pub reject: RejectConfig,
     pub mqtt: MqttConfig,
@@ -31,6 +34,34 @@ pub struct StationConfig {
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub commands: CommandsConfig,
+}
+
+/// One sensor source and the model that watches it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensorSourceConfig {
+    pub name: String,
+    /// A sensor model (`neoc train sensor`).
+    pub model: PathBuf,
+    /// Recording replayed as the live source: .csv (process data) or .mat (vibration).
+    pub path: PathBuf,
+    /// Frames (rows or samples) per second.
+    #[serde(default = "default_sensor_rate")]
+    pub rate_hz: f64,
+    /// Start again after the last frame.
+    #[serde(default = "yes", rename = "loop")]
+    pub repeat: bool,
+    /// Publish a `sensor` reading every this many windows (state changes always go out
+    /// at once as `alarm`).
+    #[serde(default = "default_publish_every")]
+    pub publish_every: u64,
+}
+
+fn default_sensor_rate() -> f64 {
+    1.0
+}
+fn default_publish_every() -> u64 {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -185,6 +216,10 @@ impl StationConfig {
         if let Some(p) = c.reject.path.as_mut() {
             rebase(p);
         }
+        for s in &mut c.sensors {
+            rebase(&mut s.model);
+            rebase(&mut s.path);
+        }
         if let Some(p) = c.commands.models_dir.as_mut() {
             rebase(p);
         }
@@ -217,6 +252,22 @@ impl StationConfig {
                     )
                 }
                 _ => {}
+            }
+        }
+        let mut sensor_names = std::collections::BTreeSet::new();
+        for (i, s) in self.sensors.iter().enumerate() {
+            let key = |k: &str| format!("sensors[{i}].{k}");
+            if !sensor_names.insert(s.name.as_str()) {
+                return bad(key("name"), "used twice");
+            }
+            if !(s.rate_hz.is_finite() && s.rate_hz > 0.0 && s.rate_hz <= 1_000_000.0) {
+                return bad(
+                    key("rate_hz"),
+                    "must be between 0 and 1,000,000 frames per second",
+                );
+            }
+            if s.publish_every == 0 {
+                return bad(key("publish_every"), "must be at least 1");
             }
         }
         if self.inspection.queue == 0 {
@@ -256,6 +307,8 @@ mod tests {
         assert_eq!(c.cameras.len(), 1);
         assert!(c.inspection.model.starts_with("/repo"));
         assert_eq!(c.mqtt.host, "embedded");
+        assert_eq!(c.sensors.len(), 1);
+        assert!(c.sensors[0].path.starts_with("/repo/models"));
     }
 
     #[test]
@@ -272,5 +325,10 @@ mod tests {
         assert!(with("queue = 4", "queue = 0").contains("inspection.queue"));
         assert!(with("fail_safe = \"reject_all\"", "fail_safe = \"maybe\"").contains("fail_safe"));
         assert!(with("[station]", "[station]\ncolour = 1").contains("colour"));
+        assert!(with("rate_hz = 20.0", "rate_hz = 0.0").contains("sensors[0].rate_hz"));
+        assert!(
+            with("publish_every = 10", "publish_every = 0").contains("sensors[0].publish_every")
+        );
+        assert!(with("name = \"pump1\"", "name = \"pump1\"\nrate = 3").contains("rate"));
     }
 }

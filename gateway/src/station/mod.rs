@@ -8,9 +8,10 @@
 
 pub mod config;
 pub mod parts;
+mod sensors;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -53,6 +54,9 @@ pub struct Summary {
     pub latency_ms_p50: f64,
     pub latency_ms_p99: f64,
     pub spool_queued_at_exit: u64,
+    /// Sensor windows scored, and Healthy/Warning/Alarm changes published.
+    pub sensor_windows: u64,
+    pub sensor_state_changes: u64,
 }
 
 struct LoadedModel {
@@ -71,6 +75,9 @@ struct Shared {
     threshold: AtomicU32,
     paused: AtomicBool,
     stop: AtomicBool,
+    /// Cameras and sensor sources still running; the station stops when the last one ends
+    /// (non-looping replays).
+    live_sources: AtomicUsize,
     capture_now: AtomicU64,
     queue: FrameQueue,
     summary: Mutex<Summary>,
@@ -106,6 +113,13 @@ impl Shared {
         match self.model.read() {
             Ok(m) => m.clone(),
             Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// A camera or sensor source has ended for good: the last one stops the station.
+    fn source_ended(&self) {
+        if self.live_sources.fetch_sub(1, Ordering::Relaxed) <= 1 {
+            self.stop.store(true, Ordering::Relaxed);
         }
     }
 
@@ -234,6 +248,7 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
         config.mqtt.host, config.mqtt.port
     );
 
+    let sources = config.cameras.len() + config.sensors.len();
     let shared = Arc::new(Shared {
         queue: FrameQueue::new(config.inspection.queue),
         config,
@@ -242,6 +257,7 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
         threshold: AtomicU32::new(0),
         paused: AtomicBool::new(false),
         stop: AtomicBool::new(false),
+        live_sources: AtomicUsize::new(sources),
         capture_now: AtomicU64::new(0),
         summary: Mutex::new(Summary::default()),
         latency: Mutex::new(std::array::from_fn(|_| Window::new(200))),
@@ -276,6 +292,19 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
             inspect_loop(shared, reject_tx, print)
         })?
     };
+    let sensors: Vec<JoinHandle<()>> = shared
+        .config
+        .sensors
+        .iter()
+        .cloned()
+        .map(|s| {
+            let shared = shared.clone();
+            let print = opts.print;
+            spawn(&format!("neo-sensor-{}", s.name), move || {
+                sensors::sensor_loop(shared, s, print)
+            })
+        })
+        .collect::<Result<_>>()?;
     let cameras: Vec<JoinHandle<()>> = shared
         .config
         .cameras
@@ -314,7 +343,7 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
     // Graceful stop: no new frames, finish the queued ones, fire due pulses, flush the spool,
     // send what the broker will take, say offline.
     shared.stop.store(true, Ordering::Relaxed);
-    for c in cameras {
+    for c in cameras.into_iter().chain(sensors) {
         let _ = c.join();
     }
     shared.queue.close();
@@ -406,7 +435,7 @@ fn capture(shared: Arc<Shared>, cam: config::CameraConfig) {
             }
             Ok(None) => {
                 eprintln!("camera {}: no more images", cam.name);
-                shared.stop.store(true, Ordering::Relaxed);
+                shared.source_ended();
                 break;
             }
             Err(e) => {

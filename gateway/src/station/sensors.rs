@@ -1,0 +1,160 @@
+//! The station's sensor pipeline: each `[[sensors]]` entry replays a recording (CSV or
+//! MATLAB v5; the firmware serial link comes later) through its sensor model, publishes a
+//! `sensor` reading every `publish_every` windows and an `alarm` at every
+//! Healthy/Warning/Alarm change, with the top contributing features.
+
+use super::config::SensorSourceConfig;
+use super::Shared;
+use crate::message::Class;
+use neo_runtime::sensor::neo_sensor::{self, Event};
+use serde_json::json;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Runs one sensor source until the station stops or a non-looping replay ends. Errors
+/// (model or recording unusable) are published as alarms and end this source only.
+pub(super) fn sensor_loop(shared: Arc<Shared>, cfg: SensorSourceConfig, print: bool) {
+    run_source(&shared, &cfg, print);
+    shared.source_ended();
+}
+
+fn run_source(shared: &Arc<Shared>, cfg: &SensorSourceConfig, print: bool) {
+    let fail = |what: &str, error: String| {
+        eprintln!("error: sensor {}: {what}: {error}", cfg.name);
+        let _ = shared.gateway.publish(
+            Class::Alarm,
+            json!({"alarm": what, "sensor": cfg.name, "error": error}),
+        );
+    };
+    let artifact = match neo_runtime::SensorArtifact::open(&cfg.model) {
+        Ok(a) => a,
+        Err(e) => return fail("sensor_model_unavailable", e.to_string()),
+    };
+    let spec = artifact.spec().clone();
+    let rec = match neo_sensor::recording::load(&cfg.path, Some(&spec.channels)) {
+        Ok(r) if r.frames() > 0 => r,
+        Ok(_) => return fail("sensor_source_failed", "the recording is empty".into()),
+        Err(e) => return fail("sensor_source_failed", e.to_string()),
+    };
+    let mut monitor = match artifact.monitor() {
+        Ok(m) => m,
+        Err(e) => return fail("sensor_model_unavailable", e.to_string()),
+    };
+    eprintln!(
+        "sensor {}: model {} ({:?}, {} channels) replaying {} ({} frames at {} frames/s)",
+        cfg.name,
+        artifact.manifest.name,
+        spec.model,
+        spec.channels.len(),
+        cfg.path.display(),
+        rec.frames(),
+        cfg.rate_hz
+    );
+    let period = Duration::from_secs_f64(1.0 / cfg.rate_hz);
+    let mut next = Instant::now();
+    let mut windows = 0u64;
+    let mut i = 0usize;
+    // Timestamps of replayed rows move on by the recording's length at each repeat, so the
+    // extractor sees time go forward.
+    let (mut offset, span) = match &rec.times {
+        Some(t) => (
+            0.0,
+            t.last().copied().unwrap_or(0.0) - t.first().copied().unwrap_or(0.0) + 1.0,
+        ),
+        None => (0.0, 0.0),
+    };
+    while !shared.stop.load(Ordering::Relaxed) {
+        if i == rec.frames() {
+            if !cfg.repeat {
+                break;
+            }
+            i = 0;
+            offset += span;
+        }
+        let t = rec.times.as_ref().map(|t| t[i] + offset);
+        let event = monitor.push(rec.frame(i), t);
+        i += 1;
+        match event {
+            Ok(Some(Event::Assessed(a))) => {
+                windows += 1;
+                let reading = json!({
+                    "sensor": cfg.name,
+                    "window_end": a.end,
+                    "health": a.transition.health.as_str(),
+                    "score": a.score.normalized,
+                    "zone": a.transition.zone.map(String::from),
+                    "vel_rms_mm_s": a.vel_rms_mm_s,
+                    "top": a.score.top,
+                });
+                if a.transition.changed() {
+                    if print {
+                        let top: Vec<String> = a
+                            .score
+                            .top
+                            .iter()
+                            .map(|c| format!("{} {:+.1} sd", c.feature, c.z))
+                            .collect();
+                        println!(
+                            "SENSOR {} {} -> {} (score {:.2}; {})",
+                            cfg.name,
+                            a.transition.previous.as_str(),
+                            a.transition.health.as_str(),
+                            a.score.normalized,
+                            top.join(", ")
+                        );
+                    }
+                    let _ = shared.gateway.publish(
+                        Class::Alarm,
+                        json!({
+                            "alarm": "sensor_state",
+                            "sensor": cfg.name,
+                            "health": a.transition.health.as_str(),
+                            "previous": a.transition.previous.as_str(),
+                            "cause": a.transition.cause,
+                            "score": a.score.normalized,
+                            "zone": a.transition.zone.map(String::from),
+                            "top": a.score.top,
+                        }),
+                    );
+                    if let Ok(mut s) = shared.summary.lock() {
+                        s.sensor_state_changes += 1;
+                    }
+                }
+                if windows.is_multiple_of(cfg.publish_every) {
+                    let _ = shared.gateway.publish(Class::Sensor, reading);
+                }
+                if let Ok(mut s) = shared.summary.lock() {
+                    s.sensor_windows += 1;
+                }
+            }
+            Ok(Some(Event::Skipped { end, reason })) => {
+                let _ = shared.gateway.publish(
+                    Class::Sensor,
+                    json!({"sensor": cfg.name, "window_end": end, "skipped": reason}),
+                );
+            }
+            Ok(Some(Event::Learned {
+                threshold, report, ..
+            })) => {
+                eprintln!(
+                    "sensor {}: baseline learned from {} windows, threshold {threshold:.4}",
+                    cfg.name, report.windows
+                );
+            }
+            Ok(Some(Event::Learning { .. }) | None) => {}
+            Err(e) => return fail("sensor_model_failed", e.to_string()),
+        }
+        next += period;
+        if i == rec.frames() && !cfg.repeat {
+            eprintln!("sensor {}: end of the recording", cfg.name);
+        }
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else if now - next > Duration::from_secs(1) {
+            // Far behind (the machine was busy): do not burst to catch up.
+            next = now;
+        }
+    }
+}
