@@ -100,10 +100,19 @@ fn solid(dir: &Path, name: &str, rgb: [u8; 3], w: u32, h: u32) -> PathBuf {
 }
 
 fn neo_run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_neo-run"))
-        .args(args)
-        .output()
-        .unwrap();
+    // Cross-built tests run under qemu-user, which does not follow exec: the binary needs the
+    // same runner (scripts/cross.sh sets NEO_TEST_RUNNER, e.g. "qemu-aarch64-static -L ...").
+    let runner = std::env::var("NEO_TEST_RUNNER").unwrap_or_default();
+    let mut runner = runner.split_whitespace();
+    let mut cmd = match runner.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(runner).arg(env!("CARGO_BIN_EXE_neo-run"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_neo-run")),
+    };
+    let out = cmd.args(args).output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
