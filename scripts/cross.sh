@@ -10,6 +10,8 @@
 #     test    build + the device crates' tests under qemu (neo-sensor, neo-runtime)
 #     smoke   build + run `neo-run --version` and one sensor replay under qemu
 #     compare build + the compiled models' outputs here vs on the target (f32, within 1e-4)
+#     bundle  build + `neoc bundle` for $BOARD (default rpi4), installed into an empty root,
+#             the installed daemon started under qemu
 #     env     print the environment a cross cargo needs (eval "$(scripts/cross.sh T env)")
 #
 # Toolchain: rustup's target when `rustup target add` works (it did here), else Debian's
@@ -151,5 +153,27 @@ case $mode in
     done
     rm -rf "$tmp"
     ;;
-  *) echo "error: unknown mode '$mode' (setup|build|test|smoke|compare|env)" >&2; exit 2 ;;
+  bundle)
+    # `neoc bundle` for BOARD (default rpi4) with the cross-built daemon and the demo station,
+    # installed into an empty root; the installed daemon starts under qemu.
+    device_build
+    eval "$(cross_env)"
+    board=${BOARD:-rpi4}
+    runner_var=CARGO_TARGET_${TARGET_ENV}_RUNNER
+    host_bin=${HOST_BIN:-target/debug}
+    tmp=$(mktemp -d)
+    "$host_bin/neoc" compile models/bottle-classifier/model.onnx --target "$board" -o "$tmp/bottle.neo" 2>/dev/null
+    "$host_bin/neoc" train sensor --normal models/pump-sensor/normal.csv --window 5 --stats mean,std --model pca -o "$tmp/pump.neo" 2>/dev/null
+    sed -e "s|\"out/bottle-classifier.neo\"|\"$tmp/bottle.neo\"|" -e "s|\"out/pump.neo\"|\"$tmp/pump.neo\"|" \
+        -e "s|\"models/|\"$PWD/models/|g" station.toml > "$tmp/station.toml"
+    "$host_bin/neoc" bundle --board "$board" --config "$tmp/station.toml" \
+        --daemon "$CARGO_TARGET_DIR/$target/release/neo-gateway" -o "$tmp/gateway-$board.tar"
+    mkdir -p "$tmp/unpacked" "$tmp/root"
+    tar xf "$tmp/gateway-$board.tar" -C "$tmp/unpacked"
+    sh "$tmp/unpacked/opt/neo/install.sh" "$tmp/root"
+    ${!runner_var} "$tmp/root/opt/neo/bin/neo-gateway" --version
+    echo "bundle for $board: $(du -h "$tmp/gateway-$board.tar" | cut -f1), installed and started under qemu"
+    rm -rf "$tmp"
+    ;;
+  *) echo "error: unknown mode '$mode' (setup|build|test|smoke|compare|bundle|env)" >&2; exit 2 ;;
 esac

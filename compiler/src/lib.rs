@@ -3,6 +3,7 @@
 
 pub mod anomaly;
 pub mod baseline;
+pub mod bundle;
 pub mod card;
 pub mod compile;
 mod error;

@@ -323,6 +323,27 @@ enum Command {
     },
     /// List the known target boards (shipped profiles, plus $NEO_BOARDS_DIR).
     Boards,
+    /// Pack a board's station: the cross-built daemon, the models and recordings the station
+    /// file names, that file (paths rewritten to the installed ones), an enabled systemd unit,
+    /// an install script and hashes. Install: unpack, then `sh opt/neo/install.sh [ROOT]`.
+    ///
+    /// Example:
+    ///   scripts/cross.sh aarch64-unknown-linux-gnu build
+    ///   neoc compile model.onnx --target rpi4 -o out/model.neo
+    ///   neoc bundle --board rpi4 --config station.toml -o gateway-rpi4.tar
+    #[command(verbatim_doc_comment)]
+    Bundle {
+        #[arg(long)]
+        board: String,
+        /// The station file (`station.toml`).
+        #[arg(long)]
+        config: PathBuf,
+        /// The daemon built for the board [default: target/cross/<triple>/release/neo-gateway].
+        #[arg(long)]
+        daemon: Option<PathBuf>,
+        #[arg(long, short)]
+        output: PathBuf,
+    },
     /// Time plain tract-onnx on the source model (load + optimize, inference p50/p99): the
     /// baseline that `neo-run bench` on the compiled artifact is compared with. Prints JSON.
     Baseline {
@@ -391,6 +412,32 @@ fn mib(bytes: u64) -> f64 {
 fn run(cli: Cli) -> Result<()> {
     let boards = Boards::from_env()?;
     match cli.command {
+        Command::Bundle {
+            board,
+            config,
+            daemon,
+            output,
+        } => {
+            let m = neoc::bundle::bundle(
+                &neoc::bundle::BundleOptions {
+                    board,
+                    config,
+                    daemon,
+                    output: output.clone(),
+                },
+                &boards,
+            )?;
+            let bytes: u64 = m.files.values().map(|f| f.bytes).sum();
+            eprintln!(
+                "bundled {} files ({:.1} MiB) for {} ({}): {}\ninstall: tar xf {} -C DIR && sh DIR/opt/neo/install.sh [ROOT]",
+                m.files.len(),
+                mib(bytes),
+                m.board,
+                m.triple,
+                output.display(),
+                output.display()
+            );
+        }
         Command::Boards => {
             for b in boards.iter() {
                 println!(

@@ -844,3 +844,87 @@ mod sensor {
         );
     }
 }
+
+/// `neoc bundle` refuses what would not run on the board, saying what to do. (The full
+/// bundle → install → run path is tested in `tests/` with the real daemon.)
+#[test]
+fn bundle_refuses_a_daemon_or_model_for_another_board() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("bottle.neo");
+    let (code, _, stderr) = neoc(&[
+        "compile",
+        path_str(&repo().join("models/bottle-classifier/model.onnx")),
+        "--target",
+        "x86_64",
+        "-o",
+        path_str(&model),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    std::fs::create_dir(d.join("frames")).unwrap();
+    std::fs::write(
+        d.join("station.toml"),
+        "[station]\nname = \"s\"\n[[cameras]]\nname = \"c\"\npath = \"frames\"\n[inspection]\nmodel = \"bottle.neo\"\n[mqtt]\nhost = \"embedded\"\nport = 1883\nsite = \"s\"\nline = \"l\"\ndevice = \"d\"\n[spool]\ndir = \"spool\"\n",
+    )
+    .unwrap();
+    let config = d.join("station.toml");
+    let out = d.join("b.tar");
+    // This machine's neoc binary is an x86_64 ELF: not a daemon for a Raspberry Pi.
+    let x86_elf = env!("CARGO_BIN_EXE_neoc");
+    assert_clear_error(
+        &[
+            "bundle",
+            "--board",
+            "rpi4",
+            "--config",
+            path_str(&config),
+            "--daemon",
+            x86_elf,
+            "-o",
+            path_str(&out),
+        ],
+        &[
+            "another CPU",
+            "scripts/cross.sh aarch64-unknown-linux-gnu build",
+        ],
+    );
+    assert_clear_error(
+        &[
+            "bundle",
+            "--board",
+            "rpi4",
+            "--config",
+            path_str(&config),
+            "--daemon",
+            path_str(&d.join("nope")),
+            "-o",
+            path_str(&out),
+        ],
+        &["no daemon at", "--daemon"],
+    );
+    // An x86_64 daemon for the x86_64 board, but the model was compiled for another board.
+    let (code, _, stderr) = neoc(&[
+        "compile",
+        path_str(&repo().join("models/bottle-classifier/model.onnx")),
+        "--target",
+        "rpi4",
+        "-o",
+        path_str(&model),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_clear_error(
+        &[
+            "bundle",
+            "--board",
+            "x86_64",
+            "--config",
+            path_str(&config),
+            "--daemon",
+            x86_elf,
+            "-o",
+            path_str(&out),
+        ],
+        &["compiled for rpi4", "--target x86_64"],
+    );
+    assert!(!out.exists(), "nothing written on refusal");
+}

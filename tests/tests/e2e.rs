@@ -315,6 +315,202 @@ ok_fraction = 0.0
             .all(|r| r.data["sensor"] == "pump1" && r.data["score"].as_f64().is_some()));
     }
 
+    /// `neoc bundle` for the x86_64 board with the real daemon, installed into an empty root
+    /// by the bundle's own install script; the installed daemon then runs the station from the
+    /// installed files only (its config's /opt/neo and /var/lib/neo prefixed with the root,
+    /// as a chroot would see them).
+    #[test]
+    fn a_bundle_installs_into_an_empty_root_and_its_daemon_runs_the_station() {
+        use std::os::unix::fs::PermissionsExt;
+        use std::process::Command;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        compiled_classifier(d);
+        copy_samples(&d.join("frames"));
+        let mut opts = super::sensor::options(
+            &repo().join("models/pump-sensor/normal.csv"),
+            &d.join("pump.neo"),
+        );
+        opts.window = Some(5);
+        opts.stats = vec![
+            neo_sensor::features::ProcessStat::Mean,
+            neo_sensor::features::ProcessStat::Std,
+        ];
+        neoc::sensor::train_sensor(&opts, &neo_boards::Boards::shipped()).unwrap();
+        std::fs::copy(
+            repo().join("models/pump-sensor/replay.csv"),
+            d.join("replay.csv"),
+        )
+        .unwrap();
+        let broker = Broker::start();
+        let sub = Subscriber::start(broker.port, "bundle-sub", "neo/site/line/boxdev/#");
+        std::fs::write(
+            d.join("station.toml"),
+            format!(
+                r#"
+[station]
+name = "boxed"
+[[cameras]]
+name = "cam0"
+path = "frames"
+fps = 10.0
+loop = false
+[inspection]
+model = "bottle.neo"
+ng_labels = ["defect"]
+[[sensors]]
+name = "pump1"
+model = "pump.neo"
+path = "replay.csv"
+rate_hz = 1000.0
+loop = false
+[reject]
+kind = "file"
+path = "rejects.jsonl"
+[mqtt]
+host = "127.0.0.1"
+port = {}
+site = "site"
+line = "line"
+device = "boxdev"
+[spool]
+dir = "spool"
+"#,
+                broker.port
+            ),
+        )
+        .unwrap();
+        // The daemon cargo built beside this test binary (target/<profile>/neo-gateway).
+        let exe = std::env::current_exe().unwrap();
+        let daemon = exe.parent().unwrap().parent().unwrap().join("neo-gateway");
+        assert!(
+            daemon.exists(),
+            "{} missing: run `cargo build --workspace` first",
+            daemon.display()
+        );
+        let tarball = d.join("gateway-x86_64.tar");
+        let manifest = neoc::bundle::bundle(
+            &neoc::bundle::BundleOptions {
+                board: "x86_64".into(),
+                config: d.join("station.toml"),
+                daemon: Some(daemon),
+                output: tarball.clone(),
+            },
+            &neo_boards::Boards::shipped(),
+        )
+        .unwrap();
+        assert!(
+            manifest.files.contains_key("opt/neo/models/bottle.neo")
+                && manifest
+                    .files
+                    .contains_key("opt/neo/data/sensor-pump1/replay.csv")
+        );
+
+        let unpacked = d.join("unpacked");
+        let root = d.join("root");
+        std::fs::create_dir_all(&unpacked).unwrap();
+        std::fs::create_dir_all(&root).unwrap();
+        assert!(Command::new("tar")
+            .arg("xf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&unpacked)
+            .status()
+            .unwrap()
+            .success());
+        let install = Command::new("sh")
+            .arg(unpacked.join("opt/neo/install.sh"))
+            .arg(&root)
+            .output()
+            .unwrap();
+        assert!(
+            install.status.success(),
+            "{}",
+            String::from_utf8_lossy(&install.stderr)
+        );
+
+        // Laid out to boot into the daemon: executable, enabled unit, hashes as listed.
+        let bin = root.join("opt/neo/bin/neo-gateway");
+        assert!(std::fs::metadata(&bin).unwrap().permissions().mode() & 0o111 != 0);
+        let wants = root.join("etc/systemd/system/multi-user.target.wants/neo-gateway.service");
+        assert_eq!(
+            std::fs::read_link(&wants).unwrap(),
+            Path::new("../neo-gateway.service")
+        );
+        let unit = std::fs::read_to_string(&wants).unwrap();
+        assert!(
+            unit.contains(
+                "ExecStart=/opt/neo/bin/neo-gateway run --quiet --config /etc/neo/station.toml"
+            ),
+            "{unit}"
+        );
+        for (name, h) in &manifest.files {
+            let bytes = std::fs::read(root.join(name)).unwrap();
+            assert_eq!(
+                neo_runtime::artifact::sha256_hex(&bytes),
+                h.sha256,
+                "{name}"
+            );
+        }
+        let config = std::fs::read_to_string(root.join("etc/neo/station.toml")).unwrap();
+        assert!(
+            config.contains("\"/opt/neo/models/bottle.neo\"")
+                && config.contains("\"/var/lib/neo/spool\""),
+            "{config}"
+        );
+
+        // The installed daemon runs the station from the installed files alone.
+        let local = config
+            .replace("\"/opt/neo", &format!("\"{}/opt/neo", root.display()))
+            .replace(
+                "\"/var/lib/neo",
+                &format!("\"{}/var/lib/neo", root.display()),
+            );
+        let local_config = root.join("etc/neo/station.local.toml");
+        std::fs::write(&local_config, local).unwrap();
+        let run = Command::new(&bin)
+            .args(["run", "--quiet", "--duration", "60", "--config"])
+            .arg(&local_config)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{log}");
+        let summary: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+        assert_eq!(
+            (
+                summary["frames"].as_u64(),
+                summary["sensor_state_changes"].as_u64()
+            ),
+            (Some(5), Some(2)),
+            "{log}"
+        );
+        assert_eq!(
+            sub.wait_for("inspection", 5, Duration::from_secs(10)).len(),
+            5
+        );
+        assert!(
+            root.join("var/lib/neo/rejects.jsonl").exists(),
+            "NG parts pulsed the installed reject output"
+        );
+
+        // A bundle damaged in transit is refused by the install script.
+        let model = unpacked.join("opt/neo/models/pump.neo");
+        let mut bytes = std::fs::read(&model).unwrap();
+        bytes[100] ^= 1;
+        std::fs::write(&model, bytes).unwrap();
+        let again = Command::new("sh")
+            .arg(unpacked.join("opt/neo/install.sh"))
+            .arg(d.join("root2"))
+            .output()
+            .unwrap();
+        assert!(!again.status.success());
+        assert!(
+            String::from_utf8_lossy(&again.stderr).contains("corrupt"),
+            "{}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+    }
+
     #[test]
     fn corrupt_model_and_vanished_camera_fail_safe_and_a_dead_broker_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
