@@ -29,6 +29,9 @@ pub struct BundleOptions {
     /// The daemon built for the board [default: target/cross/<triple>/release/neo-gateway].
     pub daemon: Option<PathBuf>,
     pub output: PathBuf,
+    /// Strip the daemon's symbols with the board's `strip` (`aarch64-linux-gnu-strip` …)
+    /// when that tool is installed.
+    pub strip: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -37,6 +40,8 @@ pub struct BundleManifest {
     pub board: String,
     pub triple: String,
     pub neoc_version: String,
+    /// Whether the daemon's symbols were stripped (and with which tool).
+    pub stripped_with: Option<String>,
     /// Every file in the bundle (not the manifest itself): sha256 and size.
     pub files: BTreeMap<String, FileHash>,
 }
@@ -81,6 +86,28 @@ fn check_daemon(path: &Path, bytes: &[u8], triple: &str) -> Result<()> {
         ))),
         _ => Ok(()),
     }
+}
+
+/// The stripped daemon and the tool used, when the board's strip tool is installed.
+fn strip(daemon: &Path, triple: &str, output: &Path) -> Option<(Vec<u8>, String)> {
+    let mut parts = triple.split('-');
+    let arch = parts.next()?;
+    let tool = match (arch, triple.ends_with("gnueabihf")) {
+        ("x86_64", _) => "strip".to_string(),
+        (a, true) if a.starts_with("arm") => "arm-linux-gnueabihf-strip".to_string(),
+        (a, _) => format!("{a}-linux-gnu-strip"),
+    };
+    let tmp = output.with_extension("daemon.stripped");
+    let ok = std::process::Command::new(&tool)
+        .arg("-o")
+        .arg(&tmp)
+        .arg(daemon)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let bytes = ok.then(|| std::fs::read(&tmp).ok()).flatten();
+    let _ = std::fs::remove_file(&tmp);
+    bytes.map(|b| (b, tool))
 }
 
 struct Files {
@@ -141,8 +168,16 @@ pub fn bundle(opts: &BundleOptions, boards: &Boards) -> Result<BundleManifest> {
             board.triple
         )));
     }
-    let bytes = read(&daemon)?;
+    let mut bytes = read(&daemon)?;
     check_daemon(&daemon, &bytes, &board.triple)?;
+    let stripped_with = if opts.strip {
+        strip(&daemon, &board.triple, &opts.output).map(|(b, tool)| {
+            bytes = b;
+            tool
+        })
+    } else {
+        None
+    };
     files.add("opt/neo/bin/neo-gateway".into(), bytes, 0o755)?;
 
     // Models: checked, and vision models must be compiled for this board's triple.
@@ -317,6 +352,7 @@ pub fn bundle(opts: &BundleOptions, boards: &Boards) -> Result<BundleManifest> {
         board: board.name.clone(),
         triple: board.triple.clone(),
         neoc_version: env!("CARGO_PKG_VERSION").into(),
+        stripped_with,
         files: hashes,
     };
     files.add("opt/neo/SHA256SUMS".into(), sums.into_bytes(), 0o644)?;

@@ -341,6 +341,10 @@ enum Command {
         /// The daemon built for the board [default: target/cross/<triple>/release/neo-gateway].
         #[arg(long)]
         daemon: Option<PathBuf>,
+        /// Keep the daemon's symbols (by default they are stripped when the board's strip
+        /// tool, e.g. aarch64-linux-gnu-strip, is installed).
+        #[arg(long)]
+        no_strip: bool,
         #[arg(long, short)]
         output: PathBuf,
     },
@@ -416,6 +420,7 @@ fn run(cli: Cli) -> Result<()> {
             board,
             config,
             daemon,
+            no_strip,
             output,
         } => {
             let m = neoc::bundle::bundle(
@@ -424,14 +429,16 @@ fn run(cli: Cli) -> Result<()> {
                     config,
                     daemon,
                     output: output.clone(),
+                    strip: !no_strip,
                 },
                 &boards,
             )?;
             let bytes: u64 = m.files.values().map(|f| f.bytes).sum();
             eprintln!(
-                "bundled {} files ({:.1} MiB) for {} ({}): {}\ninstall: tar xf {} -C DIR && sh DIR/opt/neo/install.sh [ROOT]",
+                "bundled {} files ({:.1} MiB{}) for {} ({}): {}\ninstall: tar xf {} -C DIR && sh DIR/opt/neo/install.sh [ROOT]",
                 m.files.len(),
                 mib(bytes),
+                m.stripped_with.as_deref().map_or(String::new(), |t| format!(", daemon stripped with {t}")),
                 m.board,
                 m.triple,
                 output.display(),

@@ -395,6 +395,7 @@ dir = "spool"
                 config: d.join("station.toml"),
                 daemon: Some(daemon),
                 output: tarball.clone(),
+                strip: true,
             },
             &neo_boards::Boards::shipped(),
         )
