@@ -10,7 +10,7 @@
 #     test    build + the device crates' tests under qemu (neo-sensor, neo-runtime)
 #     smoke   build + run `neo-run --version` and one sensor replay under qemu
 #     compare build + the compiled models' outputs here vs on the target (f32, within 1e-4)
-#     bundle  build + `neoc bundle` for $BOARD (default rpi4), installed into an empty root,
+#     bundle  build + `neoc bundle` for $BOARD (default rpi4, rpi4-32 for armv7), installed into an empty root,
 #             the installed daemon started under qemu
 #     env     print the environment a cross cargo needs (eval "$(scripts/cross.sh T env)")
 #
@@ -158,7 +158,8 @@ case $mode in
     # installed into an empty root; the installed daemon starts under qemu.
     device_build
     eval "$(cross_env)"
-    board=${BOARD:-rpi4}
+    case $target in aarch64-*) default_board=rpi4 ;; *) default_board=rpi4-32 ;; esac
+    board=${BOARD:-$default_board}
     runner_var=CARGO_TARGET_${TARGET_ENV}_RUNNER
     host_bin=${HOST_BIN:-target/debug}
     tmp=$(mktemp -d)

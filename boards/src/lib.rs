@@ -53,12 +53,62 @@ pub struct BoardProfile {
     pub int8_compute: bool,
     #[serde(default)]
     pub gpu: Option<String>,
+    /// Camera defaults for stations on this board.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub camera: Option<CameraDefaults>,
+    /// GPIO character device and the lines wired for the trigger input and reject output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpio: Option<GpioLines>,
+    /// Buses sensors hang off.
+    #[serde(default)]
+    pub buses: Buses,
+}
+
+/// A camera the board usually carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraDefaults {
+    /// V4L2 device, e.g. `/dev/video0`.
+    pub device: String,
+    pub width: u32,
+    pub height: u32,
+    pub fps: f64,
+    /// Pixel format asked for first (`MJPG`, `YUYV`, …).
+    pub format: String,
+}
+
+/// GPIO lines through the Linux character device (`/dev/gpiochipN`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpioLines {
+    pub chip: String,
+    /// Line offset of the external trigger input (a light barrier, a PLC output).
+    pub trigger_line: Option<u32>,
+    /// Line offset of the reject output (the ejector's driver).
+    pub reject_line: Option<u32>,
+    /// Whether the reject line is active low.
+    #[serde(default)]
+    pub reject_active_low: bool,
+}
+
+/// Device nodes of the buses sensors use.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Buses {
+    #[serde(default)]
+    pub i2c: Vec<String>,
+    #[serde(default)]
+    pub spi: Vec<String>,
+    /// Serial ports (the sensor nodes' wire protocol).
+    #[serde(default)]
+    pub serial: Vec<String>,
 }
 
 const SHIPPED: &[(&str, &str)] = &[
     ("x86_64.toml", include_str!("../profiles/x86_64.toml")),
     ("rpi4.toml", include_str!("../profiles/rpi4.toml")),
     ("rpi5.toml", include_str!("../profiles/rpi5.toml")),
+    ("rpi4-32.toml", include_str!("../profiles/rpi4-32.toml")),
     (
         "jetson-orin-nano.toml",
         include_str!("../profiles/jetson-orin-nano.toml"),
@@ -70,6 +120,22 @@ fn parse(origin: &str, text: &str) -> Result<BoardProfile, BoardError> {
         path: origin.to_string(),
         message: e.to_string(),
     })?;
+    if let Some(g) = &profile.gpio {
+        if g.trigger_line.is_some() && g.trigger_line == g.reject_line {
+            return Err(BoardError::Invalid {
+                path: origin.to_string(),
+                message: "gpio: trigger_line and reject_line are the same line".into(),
+            });
+        }
+    }
+    if let Some(c) = &profile.camera {
+        if c.width == 0 || c.height == 0 || !(c.fps > 0.0) {
+            return Err(BoardError::Invalid {
+                path: origin.to_string(),
+                message: "camera: width, height and fps must be positive".into(),
+            });
+        }
+    }
     if profile.threads == 0 {
         return Err(BoardError::Invalid {
             path: origin.to_string(),
@@ -167,15 +233,46 @@ mod tests {
         }
         assert_eq!(
             Boards::shipped().names(),
-            ["jetson-orin-nano", "rpi4", "rpi5", "x86_64"]
+            ["jetson-orin-nano", "rpi4", "rpi4-32", "rpi5", "x86_64"]
         );
+        // Every ARM board says where its trigger and reject lines are, and no two boards of
+        // the same triple disagree on it silently: the 32-bit Pi is its own profile.
+        for b in Boards::shipped()
+            .iter()
+            .filter(|b| !b.triple.starts_with("x86_64"))
+        {
+            let g = b
+                .gpio
+                .as_ref()
+                .unwrap_or_else(|| panic!("{}: no [gpio]", b.name));
+            assert!(
+                g.trigger_line.is_some() && g.reject_line.is_some(),
+                "{}",
+                b.name
+            );
+            assert!(
+                !b.buses.serial.is_empty(),
+                "{}: no serial port for sensor nodes",
+                b.name
+            );
+        }
+        let armv7 = Boards::shipped().get("rpi4-32").unwrap().triple.clone();
+        assert_eq!(armv7, "armv7-unknown-linux-gnueabihf");
+    }
+
+    #[test]
+    fn the_same_line_for_trigger_and_reject_is_refused() {
+        let text = SHIPPED[1].1.replace("reject_line = 27", "reject_line = 17");
+        assert!(text.contains("trigger_line = 17"));
+        let err = parse("x.toml", &text).unwrap_err().to_string();
+        assert!(err.contains("same line"), "{err}");
     }
 
     #[test]
     fn unknown_board_lists_known_ones() {
         let err = Boards::shipped().get("rpi3").unwrap_err().to_string();
         assert!(err.contains("unknown board 'rpi3'"), "{err}");
-        assert!(err.contains("rpi4, rpi5, x86_64"), "{err}");
+        assert!(err.contains("rpi4, rpi4-32, rpi5, x86_64"), "{err}");
     }
 
     #[test]
