@@ -129,7 +129,7 @@ fn parse(origin: &str, text: &str) -> Result<BoardProfile, BoardError> {
         }
     }
     if let Some(c) = &profile.camera {
-        if c.width == 0 || c.height == 0 || !(c.fps > 0.0) {
+        if c.width == 0 || c.height == 0 || c.fps.is_nan() || c.fps <= 0.0 {
             return Err(BoardError::Invalid {
                 path: origin.to_string(),
                 message: "camera: width, height and fps must be positive".into(),
