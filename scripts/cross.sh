@@ -7,7 +7,8 @@
 #             armv7-unknown-linux-gnueabihf (Raspberry Pi 32-bit)
 #     setup   install what is missing (cross gcc, qemu-user-static, the target's std)
 #     build   release build of the device binaries (neo-run, neo-gateway) for TARGET
-#     test    build + the device crates' tests under qemu (neo-sensor, neo-runtime)
+#     test    build + the device crates' tests under qemu (neo-sensor, neo-runtime, and the
+#             neo-gateway library tests)
 #     smoke   build + run `neo-run --version` and one sensor replay under qemu
 #     compare build + the compiled models' outputs here vs on the target (f32, within 1e-4)
 #     bundle  build + `neoc bundle` for $BOARD (default rpi4, rpi4-32 for armv7), installed into an empty root,
@@ -99,9 +100,9 @@ case $mode in
     device_build
     eval "$(cross_env)"
     # The sensor crate's and the runtime's tests (the latter run neo-run through
-    # NEO_TEST_RUNNER). Not yet neo-gateway's: its dev-dependencies include neoc, and so
-    # tract-onnx, which would double the cross build.
-    $CARGO test --release --locked --target "$target" -p neo-sensor -p neo-runtime
+    # NEO_TEST_RUNNER), and the gateway's library tests (spool, commands, deployment slots,
+    # telemetry; none needs a broker).
+    $CARGO test --release --locked --target "$target" -p neo-sensor -p neo-runtime -p neo-gateway --lib --test runtime
     ;;
   smoke)
     device_build

@@ -928,3 +928,25 @@ fn bundle_refuses_a_daemon_or_model_for_another_board() {
     );
     assert!(!out.exists(), "nothing written on refusal");
 }
+
+/// The gateway's tests deploy `models/fixtures/tiny_conv.neo` (so they need no ONNX compiler,
+/// also when cross-built for ARM): it must be exactly what this neoc compiles.
+#[test]
+fn the_shipped_compiled_fixture_is_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny_conv.neo");
+    let (code, _, stderr) = neoc(&[
+        "compile",
+        path_str(&repo().join("models/fixtures/tiny_conv.onnx")),
+        "--target",
+        "x86_64",
+        "-o",
+        path_str(&out),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(repo().join("models/fixtures/tiny_conv.neo")).unwrap(),
+        "models/fixtures/tiny_conv.neo is stale: regenerate it with \
+         `neoc compile models/fixtures/tiny_conv.onnx --target x86_64 -o models/fixtures/tiny_conv.neo`"
+    );
+}

@@ -633,20 +633,12 @@ fn a_signed_model_deployed_in_chunks_becomes_active_and_a_tampered_one_does_not(
     use base64::Engine;
     use ed25519_dalek::{Signer, SigningKey};
     use sha2::Digest;
-    // A real artifact: the shipped bottle classifier, compiled for x86_64.
+    // A real artifact: the shipped compiled fixture (models/fixtures/tiny_conv.neo, kept equal
+    // to what neoc compiles by neoc's tests), so these tests need no ONNX compiler.
     let work = tempfile::tempdir().unwrap();
     let artifact = work.path().join("bottle.neo");
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    neoc::compile(
-        &neoc::CompileOptions {
-            model: repo.join("models/bottle-classifier/model.onnx"),
-            target: "x86_64".into(),
-            output: artifact.clone(),
-            ..Default::default()
-        },
-        &neo_boards::Boards::shipped(),
-    )
-    .unwrap();
+    std::fs::copy(repo.join("models/fixtures/tiny_conv.neo"), &artifact).unwrap();
     let bytes = std::fs::read(&artifact).unwrap();
 
     let broker = Broker::start();
@@ -665,7 +657,9 @@ fn a_signed_model_deployed_in_chunks_becomes_active_and_a_tampered_one_does_not(
 
     let send = |id: &str, bytes: &[u8], tamper: bool| {
         let digest: [u8; 32] = sha2::Sha256::digest(bytes).into();
-        let parts: Vec<&[u8]> = bytes.chunks(40 * 1024).collect();
+        // Small chunks: the fixture is 8.5 KiB, so this sends five.
+        let parts: Vec<&[u8]> = bytes.chunks(2 * 1024).collect();
+        assert!(parts.len() > 3, "the tampering below needs a fourth chunk");
         let mut msgs = vec![(
             "neo/site/line/deploydev/cmd/deploy".to_string(),
             serde_json::json!({
@@ -813,14 +807,9 @@ fn telemetry_is_published_and_served_on_metrics() {
 fn the_station_daemon_drains_and_says_offline_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    neoc::compile(
-        &neoc::CompileOptions {
-            model: repo.join("models/bottle-classifier/model.onnx"),
-            target: "x86_64".into(),
-            output: dir.path().join("bottle.neo"),
-            ..Default::default()
-        },
-        &neo_boards::Boards::shipped(),
+    std::fs::copy(
+        repo.join("models/fixtures/tiny_conv.neo"),
+        dir.path().join("bottle.neo"),
     )
     .unwrap();
     let broker = Broker::start();
