@@ -214,11 +214,7 @@ pub fn compile_imported(
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         name,
-        compiler: CompilerInfo {
-            name: "neoc".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            tract_version: TRACT_VERSION.into(),
-        },
+        compiler: compiler_info(),
         source: SourceInfo {
             file: opts
                 .model
@@ -280,6 +276,15 @@ fn file_stem(p: &Path) -> String {
     p.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into())
+}
+
+/// Who wrote an artifact: this neoc, and the tract it imported the graph with.
+pub(crate) fn compiler_info() -> CompilerInfo {
+    CompilerInfo {
+        name: "neoc".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        tract_version: TRACT_VERSION.into(),
+    }
 }
 
 pub(crate) fn target_info(board: &BoardProfile) -> TargetInfo {

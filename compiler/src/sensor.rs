@@ -3,12 +3,12 @@
 //! detection F1, FAR, MAR exactly as SKAB computes them) or CWRU (detection rate per fault
 //! type, false alarms on held-out normal data).
 
-use crate::compile::target_info;
+use crate::compile::{compiler_info, target_info};
 use crate::error::{CompileError, Result};
 use neo_boards::Boards;
 use neo_runtime::artifact::sha256_hex;
-use neo_runtime::manifest::{CompilerInfo, Manifest, SourceInfo};
-use neo_runtime::{SensorArtifact, FORMAT_VERSION, TRACT_VERSION};
+use neo_runtime::manifest::{Manifest, SourceInfo};
+use neo_runtime::{SensorArtifact, FORMAT_VERSION};
 use neo_sensor::features::{AccelUnit, Bearing, ProcessConfig, ProcessStat, VibrationConfig};
 use neo_sensor::model::{fit_with_threshold, FitOptions, ModelKind, ThresholdRule};
 use neo_sensor::{
@@ -249,11 +249,7 @@ pub fn train_sensor(opts: &SensorTrainOptions, boards: &Boards) -> Result<Sensor
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         name,
-        compiler: CompilerInfo {
-            name: "neoc".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            tract_version: TRACT_VERSION.into(),
-        },
+        compiler: compiler_info(),
         source: SourceInfo {
             file: file_name(first),
             format: first

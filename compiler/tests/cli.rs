@@ -261,7 +261,7 @@ fn an_unknown_board_lists_the_known_ones() {
         ],
         &[
             "unknown board 'rpi3'",
-            "jetson-orin-nano, rpi4, rpi5, x86_64",
+            "jetson-orin-nano, rpi4, rpi4-32, rpi5, x86_64",
         ],
     );
 }

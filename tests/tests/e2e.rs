@@ -175,6 +175,17 @@ ok_fraction = 0.0
         StationConfig::from_toml(&text, dir).unwrap()
     }
 
+    /// The demo's pump sensor model, trained on the shipped recording (window 5, mean + std).
+    fn pump_model(out: &Path) {
+        let mut opts = super::sensor::options(&repo().join("models/pump-sensor/normal.csv"), out);
+        opts.window = Some(5);
+        opts.stats = vec![
+            neo_sensor::features::ProcessStat::Mean,
+            neo_sensor::features::ProcessStat::Std,
+        ];
+        neoc::sensor::train_sensor(&opts, &neo_boards::Boards::shipped()).unwrap();
+    }
+
     fn copy_samples(to: &Path) {
         std::fs::create_dir_all(to).unwrap();
         for e in std::fs::read_dir(repo().join("models/samples")).unwrap() {
@@ -251,13 +262,7 @@ ok_fraction = 0.0
         compiled_classifier(dir.path());
         copy_samples(&dir.path().join("frames"));
         let pump = dir.path().join("pump.neo");
-        let mut opts = super::sensor::options(&repo().join("models/pump-sensor/normal.csv"), &pump);
-        opts.window = Some(5);
-        opts.stats = vec![
-            neo_sensor::features::ProcessStat::Mean,
-            neo_sensor::features::ProcessStat::Std,
-        ];
-        neoc::sensor::train_sensor(&opts, &neo_boards::Boards::shipped()).unwrap();
+        pump_model(&pump);
         let broker = Broker::start();
         let sub = Subscriber::start(broker.port, "e2e-sensor", "neo/e2e/l1/st1/#");
         let mut config = station_toml(dir.path(), broker.port, "frames", "loop = false");
@@ -327,16 +332,7 @@ ok_fraction = 0.0
         let d = dir.path();
         compiled_classifier(d);
         copy_samples(&d.join("frames"));
-        let mut opts = super::sensor::options(
-            &repo().join("models/pump-sensor/normal.csv"),
-            &d.join("pump.neo"),
-        );
-        opts.window = Some(5);
-        opts.stats = vec![
-            neo_sensor::features::ProcessStat::Mean,
-            neo_sensor::features::ProcessStat::Std,
-        ];
-        neoc::sensor::train_sensor(&opts, &neo_boards::Boards::shipped()).unwrap();
+        pump_model(&d.join("pump.neo"));
         std::fs::copy(
             repo().join("models/pump-sensor/replay.csv"),
             d.join("replay.csv"),
