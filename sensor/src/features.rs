@@ -444,6 +444,9 @@ impl Extractor {
                 self.channels.join(", ")
             )));
         }
+        // Every frame counts, dropped ones too: a window's `end` is its frame's index in the
+        // stream (evaluation lines windows up with the rows' labels by it).
+        self.count += 1;
         if let (FeatureConfig::Process(c), Some(t)) = (&self.config, time_s) {
             if !t.is_finite() {
                 self.out_of_order += 1;
@@ -467,7 +470,6 @@ impl Extractor {
         if let Some(t) = time_s {
             self.times.push(t);
         }
-        self.count += 1;
         let (window, hop) = self.window_hop();
         if self.bufs[0].samples.len() < window {
             return Ok(None);
@@ -863,7 +865,7 @@ mod tests {
             (12.0, 7.0),
         ] {
             if let Some(WindowOutcome::Features(w)) = ex.push(&[v], Some(t)).expect("push") {
-                got.push((w.time_s, w.values));
+                got.push((w.end, w.time_s, w.values));
             }
         }
         assert_eq!(ex.out_of_order, 1);
@@ -871,9 +873,10 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                (Some(2.0), vec![2.0, 1.0]),
-                (Some(3.0), vec![3.0, 1.0]),
-                (Some(12.0), vec![6.0, 1.0]),
+                // `end` is the frame's index in the stream, the dropped row counted.
+                (2, Some(2.0), vec![2.0, 1.0]),
+                (4, Some(3.0), vec![3.0, 1.0]),
+                (7, Some(12.0), vec![6.0, 1.0]),
             ]
         );
     }
