@@ -94,6 +94,7 @@ fn strip(daemon: &Path, triple: &str, output: &Path) -> Option<(Vec<u8>, String)
     let arch = parts.next()?;
     let tool = match (arch, triple.ends_with("gnueabihf")) {
         ("x86_64", _) => "strip".to_string(),
+        (a, _) if a.starts_with("riscv64") => "riscv64-linux-gnu-strip".to_string(),
         (a, true) if a.starts_with("arm") => "arm-linux-gnueabihf-strip".to_string(),
         (a, _) => format!("{a}-linux-gnu-strip"),
     };
@@ -292,6 +293,24 @@ pub fn bundle(opts: &BundleOptions, boards: &Boards) -> Result<BundleManifest> {
             }
         }
     }
+    // TLS material for the broker: shipped under /etc/neo/tls.
+    if let Some(tls) = station
+        .get_mut("mqtt")
+        .and_then(|m| m.get_mut("tls"))
+        .and_then(|t| t.as_table_mut())
+    {
+        for key in ["ca", "cert", "key"] {
+            if let Some(v) = tls.get_mut(key) {
+                let Some(p) = v.as_str() else {
+                    return Err(bad(format!("mqtt.tls.{key} must be a path")));
+                };
+                let path = resolve(p);
+                let name = format!("etc/neo/tls/{}", file_name(&path));
+                files.add(name.clone(), read(&path)?, 0o600)?;
+                *v = toml::Value::String(format!("/{name}"));
+            }
+        }
+    }
     // State lives under /var/lib/neo on the board.
     let set = |station: &mut toml::Table, table: &str, key: &str, value: &str| {
         if let Some(t) = station.get_mut(table).and_then(|t| t.as_table_mut()) {
@@ -424,10 +443,18 @@ cd "$HERE"
 if command -v sha256sum >/dev/null 2>&1; then
   sha256sum -c --quiet opt/neo/SHA256SUMS || { echo "error: the bundle is corrupt (sha256 mismatch): copy it again" >&2; exit 1; }
 fi
-mkdir -p "$ROOT/opt/neo" "$ROOT/etc/neo" "$ROOT/etc/systemd/system/multi-user.target.wants" \
+mkdir -p "$ROOT/opt/neo/bin" "$ROOT/etc/neo" "$ROOT/etc/systemd/system/multi-user.target.wants" \
          "$ROOT/var/lib/neo/spool" "$ROOT/var/lib/neo/models"
-cp -R opt/neo/. "$ROOT/opt/neo/"
-chmod 755 "$ROOT/opt/neo/bin/neo-gateway" "$ROOT/opt/neo/install.sh"
+# The daemon may be running (an upgrade): write beside it and rename over it (a running
+# binary cannot be overwritten in place), then the rest.
+cp opt/neo/bin/neo-gateway "$ROOT/opt/neo/bin/neo-gateway.new"
+chmod 755 "$ROOT/opt/neo/bin/neo-gateway.new"
+mv -f "$ROOT/opt/neo/bin/neo-gateway.new" "$ROOT/opt/neo/bin/neo-gateway"
+for f in opt/neo/*; do
+  [ "$f" = opt/neo/bin ] || cp -R "$f" "$ROOT/opt/neo/"
+done
+chmod 755 "$ROOT/opt/neo/install.sh"
+if [ -d etc/neo/tls ]; then mkdir -p "$ROOT/etc/neo/tls" && cp etc/neo/tls/* "$ROOT/etc/neo/tls/" && chmod 600 "$ROOT/etc/neo/tls/"*; fi
 if [ -e "$ROOT/etc/neo/station.toml" ]; then
   cp etc/neo/station.toml "$ROOT/etc/neo/station.toml.new"
   echo "kept the existing /etc/neo/station.toml; the bundle's is /etc/neo/station.toml.new"
@@ -436,5 +463,9 @@ else
 fi
 cp etc/systemd/system/neo-gateway.service "$ROOT/etc/systemd/system/neo-gateway.service"
 ln -sf ../neo-gateway.service "$ROOT/etc/systemd/system/multi-user.target.wants/neo-gateway.service"
+# Installing onto the running system: pick up the new unit and restart the daemon.
+if [ "$ROOT" = / ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+  systemctl daemon-reload && systemctl restart neo-gateway
+fi
 echo "installed neo into $ROOT: neo-gateway starts at boot (systemctl status neo-gateway)"
 "#;

@@ -114,6 +114,9 @@ fn feature_config(
         if let Some(w) = opts.window {
             c.window = w;
             c.hop = (w / 8).max(1);
+            // Shorter windows have coarser bins: keep the default bands at least two wide.
+            let df = fs / w as f64;
+            c.bands_hz.retain(|[lo, hi]| hi - lo >= 2.0 * df);
         }
         if let Some(h) = opts.hop {
             c.hop = h;
@@ -208,6 +211,26 @@ pub fn train_sensor(opts: &SensorTrainOptions, boards: &Boards) -> Result<Sensor
     let (Some(config), Some(channels)) = (config, channels) else {
         return Err(opt_err("no normal recordings"));
     };
+    if let Some(frames) = opts.commission_frames {
+        // The device must get enough windows out of its commissioning period to fit.
+        let (window, hop) = match &config {
+            FeatureConfig::Vibration(c) => (c.window as u64, c.hop as u64),
+            FeatureConfig::Process(c) => (c.window as u64, c.hop as u64),
+        };
+        let windows = if frames >= window {
+            (frames - window) / hop + 1
+        } else {
+            0
+        };
+        let needed = (10.0 / (1.0 - opts.threshold.holdout)).ceil() as u64 + 1;
+        if windows < needed {
+            return Err(opt_err(format!(
+                "--commission {frames} gives {windows} windows of {window} frames (hop {hop}); fitting needs at least {needed}: \
+                 commission on at least {} frames",
+                window + (needed - 1) * hop
+            )));
+        }
+    }
     let defs = config.features(&channels);
     let fit_opts = FitOptions {
         kind: opts.model,
@@ -535,19 +558,15 @@ pub fn eval_sensor(model: &Path, dataset: &Path) -> Result<SensorEvalReport> {
     let (mut all_scores, mut all_truth) = (Vec::new(), Vec::new());
     let mut files = Vec::new();
     let (mut secs, mut nwin, mut nframes) = (0.0, 0u64, 0u64);
+    let mut unlabelled = Vec::new();
     for path in &csvs {
         let rec = neo_sensor::recording::load(path, channels)?;
-        let truth: Vec<bool> = rec
-            .label("anomaly")
-            .ok_or_else(|| {
-                opt_err(format!(
-                    "{} has no `anomaly` column to evaluate against",
-                    path.display()
-                ))
-            })?
-            .iter()
-            .map(|v| *v >= 0.5)
-            .collect();
+        // Files without labels (SKAB's anomaly-free.csv beside the experiments) are skipped.
+        let Some(labels) = rec.label("anomaly") else {
+            unlabelled.push(path.display().to_string());
+            continue;
+        };
+        let truth: Vec<bool> = labels.iter().map(|v| *v >= 0.5).collect();
         let r = replay(&artifact, &rec)?;
         secs += r.seconds;
         nwin += r.windows.len() as u64;
@@ -589,6 +608,20 @@ pub fn eval_sensor(model: &Path, dataset: &Path) -> Result<SensorEvalReport> {
             alarm: file_alarm.into(),
         });
     }
+    if files.is_empty() {
+        return Err(opt_err(format!(
+            "no file under {} has an `anomaly` column to evaluate against ({} without)",
+            dataset.display(),
+            unlabelled.len()
+        )));
+    }
+    if !unlabelled.is_empty() {
+        eprintln!(
+            "note: skipped {} file(s) without an `anomaly` column: {}",
+            unlabelled.len(),
+            unlabelled.join(", ")
+        );
+    }
     Ok(SensorEvalReport::Skab {
         model: spec.model,
         files,
@@ -605,6 +638,12 @@ fn eval_cwru(
     dataset: &Path,
     mats: &[PathBuf],
 ) -> Result<SensorEvalReport> {
+    if spec.commissioning.is_some() {
+        return Err(opt_err(
+            "this model learns its baseline from each stream's first frames (--commission): on CWRU every \
+             fault file would commission on the fault itself; evaluate a model trained without --commission",
+        ));
+    }
     let channels = Some(spec.channels.as_slice());
     let is_normal = |p: &Path| {
         p.components()

@@ -708,6 +708,23 @@ mod sensor {
         std::fs::create_dir(&test_dir).unwrap();
         pump_csv(&test_dir.join("0.csv"), 700, 6, 450..600, false);
         let model = dir.path().join("pump.neo");
+        // A commissioning period too short to fit on is refused at training time.
+        assert_clear_error(
+            &[
+                "train",
+                "sensor",
+                "--normal",
+                normal.to_str().unwrap(),
+                "--commission",
+                "8",
+                "-o",
+                model.to_str().unwrap(),
+            ],
+            &[
+                "--commission 8 gives 8 windows",
+                "commission on at least 14 frames",
+            ],
+        );
         let (code, _, stderr) = neoc(&[
             "train",
             "sensor",
@@ -840,7 +857,7 @@ mod sensor {
         .unwrap();
         assert_clear_error(
             &["eval", "sensor", o, "--dataset", empty.to_str().unwrap()],
-            &["no `anomaly` column"],
+            &["has an `anomaly` column"],
         );
     }
 }

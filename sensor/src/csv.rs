@@ -143,6 +143,14 @@ pub fn parse_csv(file: &str, text: &str, channels: Option<&[String]>) -> Result<
     if data.rows.is_empty() {
         return Err(input("no data rows after the header".into()));
     }
+    if let Some(tc) = time_col {
+        if data.bad_times == data.rows.len() {
+            return Err(input(format!(
+                "no value of the time column '{}' parses as a time (write YYYY-MM-DD hh:mm:ss[.fff], or seconds)",
+                names[tc]
+            )));
+        }
+    }
     Ok(data)
 }
 

@@ -118,6 +118,9 @@ pub enum Event {
     },
 }
 
+/// Commissioning keeps at most this many windows while it waits for enough varied data.
+pub const MAX_LEARNING_WINDOWS: usize = 100_000;
+
 /// Features → score → alarm state, fed frame by frame: the streaming API the device's
 /// sensor sources push into.
 pub struct Monitor {
@@ -226,12 +229,27 @@ impl Monitor {
                     kind: self.kind,
                     ..model::FitOptions::default()
                 };
-                let (fitted, report) = model::fit_with_threshold(
+                let fitted = model::fit_with_threshold(
                     self.model.features.clone(),
                     std::slice::from_ref(rows),
                     &opts,
                     &c.threshold,
-                )?;
+                );
+                let (fitted, report) = match fitted {
+                    Ok(f) => f,
+                    Err(_) => {
+                        // Not enough (varied) data yet, e.g. windows were skipped: keep
+                        // learning, on the most recent windows only (bounded memory).
+                        let keep = MAX_LEARNING_WINDOWS;
+                        if rows.len() > keep {
+                            rows.drain(..rows.len() - keep);
+                        }
+                        return Ok(Event::Learning {
+                            end: w.end,
+                            windows: rows.len(),
+                        });
+                    }
+                };
                 let threshold = fitted.threshold;
                 self.model = fitted;
                 self.learning = None;
@@ -242,7 +260,16 @@ impl Monitor {
                 })
             }
             WindowOutcome::Features(w) => {
-                let score = self.model.score(&w.values, self.top_n)?;
+                let score = match self.model.score(&w.values, self.top_n) {
+                    Ok(s) => s,
+                    // A feature overflowed (finite but huge samples): report, never score NaN.
+                    Err(e) => {
+                        return Ok(Event::Skipped {
+                            end: w.end,
+                            reason: e.to_string(),
+                        })
+                    }
+                };
                 let vel = self
                     .vel_features
                     .iter()

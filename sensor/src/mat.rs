@@ -178,7 +178,13 @@ fn read_matrix(file: &str, payload: &[u8]) -> Result<Option<MatArray>> {
         file: file.to_string(),
         reason: format!("variable '{name}' has an unsupported element type {ty}"),
     })?;
-    let expected: usize = dims.iter().product();
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |acc, d| acc.checked_mul(*d))
+        .ok_or_else(|| SensorError::Input {
+            file: file.to_string(),
+            reason: format!("variable '{name}' has impossible dimensions {dims:?}"),
+        })?;
     if values.len() != expected {
         return Err(SensorError::Input {
             file: file.to_string(),

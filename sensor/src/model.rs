@@ -194,6 +194,10 @@ pub fn fit_with_threshold(
 }
 
 fn transform(def: &FeatureDef, v: f64) -> f64 {
+    if !v.is_finite() {
+        // Never let `max` turn NaN into a plausible number.
+        return f64::NAN;
+    }
     if def.log {
         v.max(1e-12).ln()
     } else {

@@ -15,11 +15,16 @@ use std::time::{Duration, Instant};
 /// Runs one sensor source until the station stops or a non-looping replay ends. Errors
 /// (model or recording unusable) are published as alarms and end this source only.
 pub(super) fn sensor_loop(shared: Arc<Shared>, cfg: SensorSourceConfig, print: bool) {
-    run_source(&shared, &cfg, print);
-    shared.source_ended();
+    // Only a replay that reached its end counts as finished for the station's stop rule; a
+    // failed source has raised its alarm and must not stop the station (under systemd that
+    // would become a restart loop).
+    if run_source(&shared, &cfg, print) {
+        shared.source_ended();
+    }
 }
 
-fn run_source(shared: &Arc<Shared>, cfg: &SensorSourceConfig, print: bool) {
+/// Runs the source; true when a non-looping replay reached its end.
+fn run_source(shared: &Arc<Shared>, cfg: &SensorSourceConfig, print: bool) -> bool {
     let fail = |what: &str, error: String| {
         eprintln!("error: sensor {}: {what}: {error}", cfg.name);
         let _ = shared.gateway.publish(
@@ -29,17 +34,29 @@ fn run_source(shared: &Arc<Shared>, cfg: &SensorSourceConfig, print: bool) {
     };
     let artifact = match neo_runtime::SensorArtifact::open(&cfg.model) {
         Ok(a) => a,
-        Err(e) => return fail("sensor_model_unavailable", e.to_string()),
+        Err(e) => {
+            fail("sensor_model_unavailable", e.to_string());
+            return false;
+        }
     };
     let spec = artifact.spec().clone();
     let rec = match neo_sensor::recording::load(&cfg.path, Some(&spec.channels)) {
         Ok(r) if r.frames() > 0 => r,
-        Ok(_) => return fail("sensor_source_failed", "the recording is empty".into()),
-        Err(e) => return fail("sensor_source_failed", e.to_string()),
+        Ok(_) => {
+            fail("sensor_source_failed", "the recording is empty".into());
+            return false;
+        }
+        Err(e) => {
+            fail("sensor_source_failed", e.to_string());
+            return false;
+        }
     };
     let mut monitor = match artifact.monitor() {
         Ok(m) => m,
-        Err(e) => return fail("sensor_model_unavailable", e.to_string()),
+        Err(e) => {
+            fail("sensor_model_unavailable", e.to_string());
+            return false;
+        }
     };
     eprintln!(
         "sensor {}: model {} ({:?}, {} channels) replaying {} ({} frames at {} frames/s)",
@@ -58,10 +75,21 @@ fn run_source(shared: &Arc<Shared>, cfg: &SensorSourceConfig, print: bool) {
     // Timestamps of replayed rows move on by the recording's length at each repeat, so the
     // extractor sees time go forward.
     let (mut offset, span) = match &rec.times {
-        Some(t) => (
-            0.0,
-            t.last().copied().unwrap_or(0.0) - t.first().copied().unwrap_or(0.0) + 1.0,
-        ),
+        Some(t) => {
+            // From the finite timestamps only (one bad stamp must not make every later
+            // repeat NaN), plus one median period.
+            let finite: Vec<f64> = t.iter().copied().filter(|v| v.is_finite()).collect();
+            let lo = finite.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let mut steps: Vec<f64> = finite
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .filter(|d| *d > 0.0)
+                .collect();
+            steps.sort_by(f64::total_cmp);
+            let period = steps.get(steps.len() / 2).copied().unwrap_or(1.0);
+            (0.0, if hi >= lo { hi - lo + period } else { 0.0 })
+        }
         None => (0.0, 0.0),
     };
     while !shared.stop.load(Ordering::Relaxed) {
@@ -143,7 +171,10 @@ fn run_source(shared: &Arc<Shared>, cfg: &SensorSourceConfig, print: bool) {
                 );
             }
             Ok(Some(Event::Learning { .. }) | None) => {}
-            Err(e) => return fail("sensor_model_failed", e.to_string()),
+            Err(e) => {
+                fail("sensor_model_failed", e.to_string());
+                return false;
+            }
         }
         next += period;
         if i == rec.frames() && !cfg.repeat {
@@ -157,4 +188,5 @@ fn run_source(shared: &Arc<Shared>, cfg: &SensorSourceConfig, print: bool) {
             next = now;
         }
     }
+    i == rec.frames() && !cfg.repeat
 }
