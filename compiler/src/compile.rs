@@ -3,6 +3,7 @@
 use crate::card::{Card, ResizeSpec, SizeSpec};
 use crate::error::{tract, CompileError, Result};
 use crate::import::{self, Imported};
+use crate::quantize::{self, QuantReport};
 use neo_boards::{BoardProfile, Boards};
 use neo_runtime::artifact::{sha256_hex, MODEL_FILE};
 use neo_runtime::manifest::*;
@@ -37,6 +38,8 @@ pub struct CompileOptions {
     pub task: Option<Task>,
     pub scores: Option<Scores>,
     pub labels: Option<PathBuf>,
+    /// `--quantize int8 --calibration DIR …`: calibrated int8 with an accuracy gate.
+    pub quantize: Option<crate::quantize::QuantizeOptions>,
 }
 
 /// What a compile did.
@@ -49,6 +52,8 @@ pub struct CompileReport {
     /// Max abs difference between the source graph and the reloaded artifact on a test input.
     pub self_check_max_diff: f32,
     pub seconds: f64,
+    /// What quantization did (`--quantize`).
+    pub quantization: Option<QuantReport>,
 }
 
 /// Compiles one model for one board and writes the artifact.
@@ -62,6 +67,7 @@ pub fn compile(opts: &CompileOptions, boards: &Boards) -> Result<CompileReport> 
         notes: compiled.notes,
         self_check_max_diff: compiled.self_check_max_diff,
         seconds: start.elapsed().as_secs_f64(),
+        quantization: compiled.quantization,
     })
 }
 
@@ -72,6 +78,7 @@ pub struct Compiled {
     pub bytes: u64,
     pub notes: Vec<String>,
     pub self_check_max_diff: f32,
+    pub quantization: Option<QuantReport>,
 }
 
 /// Compiles an imported model (from a file, or edited in memory) into an artifact; `anomaly`
@@ -202,9 +209,31 @@ pub fn compile_imported(
         .map_err(tract("plan the graph"))?;
 
     let nnef = tract_nnef::nnef().with_onnx();
-    let nnef_bytes = nnef
-        .write_to_tar_with_config(&typed, Vec::new(), false, true)
-        .map_err(tract("write the graph as NNEF"))?;
+    let write_nnef = |model: &TypedModel| {
+        nnef.write_to_tar_with_config(model, Vec::new(), false, true)
+            .map_err(tract("write the graph as NNEF"))
+    };
+    let mut nnef_bytes = write_nnef(&typed)?;
+    let mut files = BTreeMap::new();
+    let mut quantization = None;
+    let mut precision = "f32".to_string();
+    // What the reloaded artifact must reproduce: the f32 plan, or the quantized graph's.
+    let mut expected_plan = reference.clone();
+    if let Some(q) = &opts.quantize {
+        let mut quantized = quantize::quantize(&typed, &reference, &input, &outputs, &board, q)?;
+        let (bytes, packed) = neo_runtime::int8::pack(&write_nnef(&quantized.model)?, 64)?;
+        quantized.report.packed_tensors = packed.len();
+        quantized.report.graph_bytes_f32 = nnef_bytes.len() as u64;
+        quantized.report.graph_bytes = bytes.len() as u64;
+        nnef_bytes = bytes;
+        expected_plan = quantize::device_plan(&quantized.model)?;
+        precision = quantized.report.scheme.clone();
+        let json = serde_json::to_vec_pretty(&quantized.report)
+            .map_err(|e| CompileError::Quantize(format!("writing the report: {e}")))?;
+        files.insert(quantize::REPORT_FILE.to_string(), json);
+        quantization = Some(quantized.report);
+    }
+    files.insert(MODEL_FILE.to_string(), nnef_bytes);
 
     let name = opts
         .name
@@ -225,24 +254,25 @@ pub fn compile_imported(
             sha256: sha256_hex(&bytes),
             bytes: bytes.len() as u64,
         },
-        target: target_info(&board),
+        target: TargetInfo {
+            precision,
+            ..target_info(&board)
+        },
         inputs: vec![input],
         outputs,
         files: BTreeMap::new(),
         anomaly,
         sensor: None,
+        quantization: quantization.as_ref().map(QuantReport::info),
     };
-    let artifact = Artifact::new(
-        manifest,
-        BTreeMap::from([(MODEL_FILE.to_string(), nnef_bytes)]),
-    )?;
+    let artifact = Artifact::new(manifest, files)?;
     let artifact_bytes = artifact.to_bytes()?;
 
     // Self-check: the artifact as the device will load it must agree with the source graph.
     let reloaded = Artifact::from_bytes("compiled artifact", &artifact_bytes)?;
     let device_model = Model::from_artifact(&reloaded)?;
     let test_input = test_input(&reloaded.manifest.inputs[0])?;
-    let expected = reference
+    let expected = expected_plan
         .run(tvec!(test_input.clone().into_tvalue()))
         .map_err(tract("run the source graph"))?;
     let got = device_model.run(vec![test_input])?;
@@ -269,6 +299,7 @@ pub fn compile_imported(
         bytes: artifact_bytes.len() as u64,
         notes,
         self_check_max_diff: max_diff,
+        quantization,
     })
 }
 

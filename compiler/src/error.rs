@@ -36,6 +36,12 @@ pub enum CompileError {
     Runtime(#[from] neo_runtime::RuntimeError),
     #[error(transparent)]
     Sensor(#[from] neo_sensor::SensorError),
+    #[error("calibration: {0}")]
+    Calibration(String),
+    #[error("quantization: {0}")]
+    Quantize(String),
+    #[error("the int8 model misses the accuracy budget on the held-out calibration images; nothing was written:\n{table}{hint}")]
+    AccuracyGate { table: String, hint: String },
     #[error("the compiled artifact disagrees with the source model (max abs diff {diff:e} on output '{output}'); please report this model")]
     Mismatch { output: String, diff: f32 },
 }

@@ -20,6 +20,9 @@ pub struct Inspection {
     /// Number of constant values (weights, biases, other constants).
     pub parameters: u64,
     pub parameter_bytes: u64,
+    /// The compile report of a quantized model (per-layer precision, ranges, accuracy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<crate::quantize::QuantReport>,
 }
 
 /// Verifies an artifact and summarizes its graph.
@@ -32,7 +35,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     let nnef = artifact.file(MODEL_FILE).unwrap_or_default();
     let graph = tract_nnef::nnef()
         .with_onnx()
-        .model_for_read(&mut Cursor::new(nnef))
+        .model_for_read(&mut Cursor::new(&*neo_runtime::int8::unpack(nnef)?))
         .map_err(tract("read the stored NNEF graph"))?
         // Loading NNEF leaves identity casts around constants; declutter as the device does.
         .into_decluttered()
@@ -50,7 +53,25 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         }
         *ops.entry(node.op.name().to_string()).or_insert(0) += 1;
     }
+    let quantization = match &artifact.manifest.quantization {
+        Some(q) => {
+            let json = artifact.file(&q.report).ok_or_else(|| {
+                crate::CompileError::Quantize(format!(
+                    "the manifest names a report '{}' the artifact does not hold",
+                    q.report
+                ))
+            })?;
+            Some(serde_json::from_slice(json).map_err(|e| {
+                crate::CompileError::Quantize(format!(
+                    "the report '{}' is unreadable: {e}",
+                    q.report
+                ))
+            })?)
+        }
+        None => None,
+    };
     Ok(Inspection {
+        quantization,
         manifest: artifact.manifest,
         artifact_bytes: bytes.len() as u64,
         ops,
@@ -149,6 +170,34 @@ impl Inspection {
                 mib(f.bytes),
                 f.sha256
             );
+        }
+        if let Some(q) = &self.quantization {
+            s += &q.summary();
+            let _ = writeln!(
+                s,
+                "  {:<34} {:<6} {:<18} {:<9} {:>9}  {:>23}  {:>10}",
+                "layer",
+                "op",
+                "weight shape",
+                "precision",
+                "w rel.err",
+                "activation min..max",
+                "act scale"
+            );
+            for l in &q.layers {
+                let _ = writeln!(
+                    s,
+                    "  {:<34} {:<6} {:<18} {:<9} {:>9.2e}  {:>10.3}..{:<11.3}  {:>10.3e}",
+                    l.name,
+                    l.op,
+                    format!("{:?}", l.shape),
+                    l.precision,
+                    l.weight_relative_error,
+                    l.activation.min,
+                    l.activation.max,
+                    l.activation.scale
+                );
+            }
         }
         let total: usize = self.ops.values().sum();
         let _ = writeln!(s, "  operators     {total} nodes");

@@ -9,6 +9,7 @@ pub mod compile;
 mod error;
 pub mod import;
 pub mod inspect;
+pub mod quantize;
 pub mod sensor;
 
 pub use compile::{compile, CompileOptions, CompileReport};

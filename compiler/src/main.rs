@@ -127,6 +127,93 @@ struct CompileArgs {
     /// Class labels, one per line, in class order.
     #[arg(long)]
     labels: Option<PathBuf>,
+    #[command(flatten)]
+    quant: QuantArgs,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum QuantizeArg {
+    /// int8, in the scheme the board profile picks (see `neoc boards`).
+    Int8,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CalibMethodArg {
+    Minmax,
+    Percentile,
+    Entropy,
+}
+
+/// Post-training quantization.
+#[derive(Args)]
+struct QuantArgs {
+    /// Quantize the model; needs --calibration.
+    #[arg(long, value_enum)]
+    quantize: Option<QuantizeArg>,
+    /// Folder of images like the ones the device will see (at least 15; 100+ is better);
+    /// part of them is held out to check accuracy.
+    #[arg(long, requires = "quantize")]
+    calibration: Option<PathBuf>,
+    /// How activation ranges are chosen.
+    #[arg(long, value_enum, default_value = "percentile", requires = "quantize")]
+    calibration_method: CalibMethodArg,
+    /// Percentile of |x| for --calibration-method percentile.
+    #[arg(long, default_value_t = 99.99, requires = "quantize")]
+    percentile: f64,
+    /// Share of the calibration images held out for the accuracy check.
+    #[arg(long, default_value_t = 0.2, requires = "quantize")]
+    holdout: f64,
+    /// Read at most this many calibration images (evenly spread over the folder).
+    #[arg(long, default_value_t = 200, requires = "quantize")]
+    max_images: usize,
+    /// Largest loss of top-1 agreement with the f32 model allowed, in percent.
+    #[arg(long, default_value_t = 1.0, requires = "quantize")]
+    max_drop: f64,
+    /// Smallest cosine similarity to the f32 outputs allowed on feature outputs.
+    #[arg(long, default_value_t = 0.99, requires = "quantize")]
+    min_cosine: f64,
+    /// When the budget is missed, keep the most sensitive layers in f32 until it holds.
+    #[arg(long, requires = "quantize")]
+    mixed_precision: bool,
+}
+
+impl QuantArgs {
+    fn options(self) -> Result<Option<neoc::quantize::QuantizeOptions>> {
+        use neoc::quantize::{Budget, Method, QuantizeOptions};
+        let Some(QuantizeArg::Int8) = self.quantize else {
+            return Ok(None);
+        };
+        let dir = self.calibration.context(
+            "--quantize int8 needs --calibration DIR: a folder of images like the ones the \
+             device will see (at least 15)",
+        )?;
+        if !(0.0..100.0).contains(&self.max_drop) {
+            anyhow::bail!("--max-drop is a percentage: 0 up to (not including) 100");
+        }
+        if !(0.0..=1.0).contains(&self.min_cosine) {
+            anyhow::bail!("--min-cosine is between 0 and 1");
+        }
+        if !(0.0..1.0).contains(&self.holdout) || self.holdout == 0.0 {
+            anyhow::bail!("--holdout is a fraction between 0 and 1, e.g. 0.2");
+        }
+        if !(50.0..=100.0).contains(&self.percentile) {
+            anyhow::bail!("--percentile is between 50 and 100, e.g. 99.99");
+        }
+        let mut q = QuantizeOptions::new(dir);
+        q.method = match self.calibration_method {
+            CalibMethodArg::Minmax => Method::MinMax,
+            CalibMethodArg::Percentile => Method::Percentile(self.percentile),
+            CalibMethodArg::Entropy => Method::Entropy,
+        };
+        q.holdout = self.holdout;
+        q.max_images = self.max_images;
+        q.budget = Budget {
+            max_top1_drop: self.max_drop / 100.0,
+            min_cosine: self.min_cosine,
+        };
+        q.mixed_precision = self.mixed_precision;
+        Ok(Some(q))
+    }
 }
 
 #[derive(Args)]
@@ -633,6 +720,7 @@ fn run(cli: Cli) -> Result<()> {
                 task,
                 scores,
                 labels,
+                quant,
             } = *args;
             let mut opts = options(model.clone(), target, output.clone(), input)?;
             opts.outputs = outputs;
@@ -646,7 +734,11 @@ fn run(cli: Cli) -> Result<()> {
                 ScoresArg::Probabilities => Scores::Probabilities,
             });
             opts.labels = labels;
+            opts.quantize = quant.options()?;
             let report = neoc::compile(&opts, &boards)?;
+            if let Some(q) = &report.quantization {
+                print!("{}", q.summary());
+            }
             for note in &report.notes {
                 eprintln!("note: {note}");
             }

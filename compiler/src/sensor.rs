@@ -292,6 +292,7 @@ pub fn train_sensor(opts: &SensorTrainOptions, boards: &Boards) -> Result<Sensor
         files: BTreeMap::new(),
         anomaly: None,
         sensor: Some(spec),
+        quantization: None,
     };
     let artifact = SensorArtifact::to_artifact(manifest, &model)?;
     artifact.write(&opts.output)?;

@@ -967,3 +967,249 @@ fn the_shipped_compiled_fixture_is_current() {
          `neoc compile models/fixtures/tiny_conv.onnx --target x86_64 -o models/fixtures/tiny_conv.neo`"
     );
 }
+
+/// Thirty calibration images from the shipped samples (all five, each mirrored, rotated and
+/// rescaled): real bottle frames, varied the way a line camera varies them.
+fn calibration_folder(dir: &Path) -> PathBuf {
+    let out = dir.join("calibration");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(repo().join("models/samples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    let mut n = 0;
+    for path in names {
+        let img = image::open(&path).unwrap();
+        for v in [
+            img.clone(),
+            img.fliph(),
+            img.flipv(),
+            img.rotate90(),
+            img.rotate270(),
+            img.resize_exact(280, 300, image::imageops::FilterType::Triangle),
+        ] {
+            v.save(out.join(format!("calib_{n:02}.png"))).unwrap();
+            n += 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn int8_bottle_classifier_passes_its_gate_and_keeps_its_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calibration_folder(dir.path());
+    let model = repo().join("models/bottle-classifier/model.onnx");
+    let f32_out = dir.path().join("f32.neo");
+    let q_out = dir.path().join("int8.neo");
+    let (code, _, stderr) = neoc(&[
+        "compile",
+        path_str(&model),
+        "--target",
+        "x86_64",
+        "-o",
+        path_str(&f32_out),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stdout, stderr) = neoc(&[
+        "compile",
+        path_str(&model),
+        "--target",
+        "x86_64",
+        "-o",
+        path_str(&q_out),
+        "--quantize",
+        "int8",
+        "--calibration",
+        path_str(&calib),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("quantization: int8-weights (f32 compute) for x86_64"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("24 images from"),
+        "30 images, 6 held out: {stdout}"
+    );
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+
+    // A quarter of the weight bytes: the whole artifact well under 40 % of the f32 one.
+    let (f32_bytes, q_bytes) = (
+        std::fs::metadata(&f32_out).unwrap().len(),
+        std::fs::metadata(&q_out).unwrap().len(),
+    );
+    assert!(
+        (q_bytes as f64) < 0.4 * f32_bytes as f64,
+        "int8 {q_bytes} vs f32 {f32_bytes}"
+    );
+
+    // The report inside the artifact: every layer int8, the classifier agreeing with f32.
+    let artifact = neo_runtime::Artifact::open(&q_out).unwrap();
+    let q = artifact.manifest.quantization.clone().unwrap();
+    assert_eq!(artifact.manifest.target.precision, "int8-weights");
+    assert!(q.int8_layers > 10 && q.f32_layers.is_empty(), "{q:?}");
+    let report: serde_json::Value =
+        serde_json::from_slice(artifact.file(&q.report).unwrap()).unwrap();
+    assert_eq!(report["accuracy"][0]["top1_agreement"], 1.0, "{report}");
+    assert!(report["accuracy"][0]["cosine_min"].as_f64().unwrap() > 0.999);
+    let layers = report["layers"].as_array().unwrap();
+    assert!(layers.iter().all(|l| l["precision"] == "int8"));
+    assert!(layers
+        .iter()
+        .all(|l| l["activation"]["scale"].as_f64().unwrap() > 0.0));
+
+    // `inspect` shows the precision of each layer.
+    let (code, stdout, stderr) = neoc(&["inspect", path_str(&q_out)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("precision int8-weights"), "{stdout}");
+    assert!(stdout.contains("w rel.err"), "{stdout}");
+
+    // The device loads it (int8 weights folded) and gives the f32 model's answers.
+    let (f32_model, q_model) = (Model::load(&f32_out).unwrap(), Model::load(&q_out).unwrap());
+    for file in [
+        "bottle_good_000.png",
+        "bottle_broken_large_000.png",
+        "bottle_contamination_000.png",
+    ] {
+        let img = image::open(repo().join("models/samples").join(file)).unwrap();
+        let (a, _) = f32_model.predict(&img, 1).unwrap();
+        let (b, _) = q_model.predict(&img, 1).unwrap();
+        assert_eq!(a[0].top_k[0].label, b[0].top_k[0].label, "{file}");
+        assert!(
+            (a[0].top_k[0].score - b[0].top_k[0].score).abs() < 0.02,
+            "{file}: {a:?} {b:?}"
+        );
+    }
+}
+
+#[test]
+fn quantization_refuses_bad_calibration_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo().join("models/fixtures/tiny_conv.onnx");
+    let out = dir.path().join("q.neo");
+    let compile = |extra: &[&str], needles: &[&str]| {
+        let mut args = vec![
+            "compile",
+            path_str(&model),
+            "--target",
+            "x86_64",
+            "-o",
+            path_str(&out),
+            "--quantize",
+            "int8",
+        ];
+        args.extend_from_slice(extra);
+        assert_clear_error(&args, needles);
+        assert!(!out.exists(), "nothing written for {extra:?}");
+    };
+    compile(&[], &["needs --calibration DIR"]);
+    compile(
+        &["--calibration", "/no/such/folder"],
+        &["is not a folder", "at least 15"],
+    );
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(empty.join("notes.txt"), "not an image").unwrap();
+    compile(
+        &["--calibration", path_str(&empty)],
+        &["holds no images", "1 other files"],
+    );
+    let few = dir.path().join("few");
+    std::fs::create_dir_all(&few).unwrap();
+    for i in 0..3 {
+        std::fs::copy(
+            repo().join("models/samples/bottle_good_000.png"),
+            few.join(format!("{i}.png")),
+        )
+        .unwrap();
+    }
+    compile(
+        &["--calibration", path_str(&few)],
+        &["holds 3 images", "at least 15"],
+    );
+    let calib = calibration_folder(dir.path());
+    std::fs::write(calib.join("broken.png"), b"\x89PNG but not really").unwrap();
+    compile(
+        &["--calibration", path_str(&calib)],
+        &["1 of 31 calibration images cannot be read", "broken.png"],
+    );
+    std::fs::remove_file(calib.join("broken.png")).unwrap();
+    compile(
+        &["--calibration", path_str(&calib), "--max-drop", "120"],
+        &["--max-drop is a percentage"],
+    );
+
+    // A model with nothing to quantize.
+    assert_clear_error(
+        &[
+            "compile",
+            path_str(&repo().join("models/fixtures/no_weights.onnx")),
+            "--target",
+            "x86_64",
+            "-o",
+            path_str(&out),
+            "--quantize",
+            "int8",
+            "--calibration",
+            path_str(&calib),
+        ],
+        &["no quantizable layer", "without --quantize"],
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn the_accuracy_gate_fails_readably_and_mixed_precision_keeps_the_sensitive_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calibration_folder(dir.path());
+    let model = repo().join("models/fixtures/outlier_weights.onnx");
+    let out = dir.path().join("q.neo");
+    let args = [
+        "compile",
+        path_str(&model),
+        "--target",
+        "rpi5",
+        "-o",
+        path_str(&out),
+        "--quantize",
+        "int8",
+        "--calibration",
+        path_str(&calib),
+        "--calibration-method",
+        "entropy",
+    ];
+    let (code, _, stderr) = neoc(&args);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("misses the accuracy budget"), "{stderr}");
+    assert!(stderr.contains("FAIL: cosine"), "{stderr}");
+    assert!(stderr.contains("--mixed-precision"), "{stderr}");
+    assert!(!out.exists(), "nothing written when the gate fails");
+
+    let mut mixed = args.to_vec();
+    mixed.push("--mixed-precision");
+    let (code, stdout, stderr) = neoc(&mixed);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("layers: 1 of 2 int8 (kept in f32: conv_b)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("entropy"), "{stdout}");
+    assert!(
+        stdout.contains("cortex-a76 has fast int8 dot products"),
+        "{stdout}"
+    );
+    let artifact = neo_runtime::Artifact::open(&out).unwrap();
+    let q = artifact.manifest.quantization.clone().unwrap();
+    assert_eq!(q.f32_layers, ["conv_b"]);
+    let report: serde_json::Value =
+        serde_json::from_slice(artifact.file(&q.report).unwrap()).unwrap();
+    let layers = report["layers"].as_array().unwrap();
+    let sens = |i: usize| layers[i]["sensitivity"].as_f64().unwrap();
+    assert!(
+        sens(1) > 100.0 * sens(0),
+        "conv_b is the sensitive one: {report}"
+    );
+    assert_eq!(layers[0]["precision"], "int8");
+}

@@ -38,4 +38,38 @@ conv_model("tiny_conv", [1, 3, 8, 8])
 # A real ONNX operator that tract does not implement.
 conv_model("unsupported_op", [1, 3, 8, 8],
            [helper.make_node("Det", ["f"], ["y"], name="determinant_of_features")])
+
+# No layer with weights to quantize (for `--quantize` refusing it).
+graph = helper.make_graph(
+    [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+     helper.make_node("GlobalAveragePool", ["r"], ["y"], name="gap")],
+    "no_weights",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+)
+m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="neo fixtures")
+m.ir_version = 8
+onnx.save(m, os.path.join(OUT, "no_weights.onnx"))
+
+# Two convolutions; the second has, in every output channel, a huge weight on an input channel
+# the first one never lets through (a dead ReLU). f32 does not care; int8 per-channel scales
+# grow with that weight and crush the others: the layer mixed precision must keep in f32.
+w_a = (0.01 * rng.standard_normal((8, 3, 3, 3))).astype(np.float32)
+b_a = np.zeros(8, np.float32)
+b_a[6:] = -1e4
+w_b = rng.standard_normal((8, 8, 1, 1)).astype(np.float32)
+w_b[:, 6] = 1000.0
+graph = helper.make_graph(
+    [helper.make_node("Conv", ["x", "w_a", "b_a"], ["a"], pads=[1, 1, 1, 1], name="conv_a"),
+     helper.make_node("Relu", ["a"], ["r"], name="relu"),
+     helper.make_node("Conv", ["r", "w_b"], ["y"], name="conv_b")],
+    "outlier_weights",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    [numpy_helper.from_array(w_a, "w_a"), numpy_helper.from_array(b_a, "b_a"),
+     numpy_helper.from_array(w_b, "w_b")],
+)
+m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="neo fixtures")
+m.ir_version = 8
+onnx.save(m, os.path.join(OUT, "outlier_weights.onnx"))
 print(sorted(os.listdir(OUT)))

@@ -289,6 +289,7 @@ mod tests {
             files: BTreeMap::new(),
             anomaly: None,
             sensor: None,
+            quantization: None,
         }
     }
 

@@ -6,6 +6,7 @@
 pub mod anomaly;
 pub mod artifact;
 mod error;
+pub mod int8;
 pub mod manifest;
 pub mod model;
 pub mod preprocess;

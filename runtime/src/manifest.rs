@@ -27,6 +27,29 @@ pub struct Manifest {
     /// `sensor_model.json` instead of a graph.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sensor: Option<neo_sensor::SensorSpec>,
+    /// For quantized models: the scheme and where the compile report is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<QuantizationInfo>,
+}
+
+/// How a model was quantized (`neoc compile --quantize`); the details (per-layer precision,
+/// ranges, scales, accuracy table) are in the artifact's `report` file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantizationInfo {
+    /// `int8-weights`: weights stored int8 per output channel, dequantized at load.
+    pub scheme: String,
+    /// Arithmetic the device runs in (`f32`).
+    pub compute: String,
+    /// Activation calibration method.
+    pub method: String,
+    pub calibration_images: usize,
+    /// Images kept out of calibration for the accuracy check.
+    pub holdout_images: usize,
+    pub int8_layers: usize,
+    /// Layers kept in f32 (mixed precision).
+    pub f32_layers: Vec<String>,
+    /// File in the artifact with the full compile report.
+    pub report: String,
 }
 
 /// A memory-bank anomaly detector (PatchCore family): the graph ends in an anomaly map of

@@ -102,9 +102,10 @@ impl Model {
         let nnef_bytes = artifact
             .file(MODEL_FILE)
             .ok_or_else(|| RuntimeError::BadManifest(format!("no {MODEL_FILE} in the artifact")))?;
+        let nnef_bytes = crate::int8::unpack(nnef_bytes)?;
         let typed = tract_nnef::nnef()
             .with_onnx()
-            .model_for_read(&mut Cursor::new(nnef_bytes))
+            .model_for_read(&mut Cursor::new(&*nnef_bytes))
             .map_err(model_err("loading the NNEF graph"))?;
         check_against_manifest(&typed, &manifest)?;
         let threads = Self::threads_for(&manifest, threads);

@@ -77,6 +77,7 @@ fn manifest(channels: ChannelOrder) -> Manifest {
         files: BTreeMap::new(),
         anomaly: None,
         sensor: None,
+        quantization: None,
     }
 }
 

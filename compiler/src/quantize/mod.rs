@@ -1,0 +1,374 @@
+//! `neoc compile --quantize int8`: calibrated post-training quantization, checked against the
+//! f32 model before anything is written.
+//!
+//! The board profile picks the scheme. tract's int8 kernels ran 40–70× slower than f32 on the
+//! AVX2 (no VNNI) machine neo is built on, so a board without fast int8 dot products gets
+//! int8 *weight storage* with f32 compute: a quarter of the bytes, the f32 speed. Boards with
+//! dot-product CPUs are marked `int8_compute` in their profile; neoc does not emit int8-compute
+//! graphs yet, so they get the same scheme, and the activation ranges calibration measures
+//! (per tensor, by min/max, percentile or entropy) are kept in the report for when it does.
+//!
+//! Steps: calibration images (preprocessed per the manifest) → activation ranges → int8
+//! weights per output channel → the accuracy gate on held-out images (top-1 agreement, abs
+//! diffs, cosine) → optionally layers kept in f32, most sensitive first, until the gate
+//! holds → `report.json`.
+
+pub mod calib;
+pub mod gate;
+pub mod weights;
+
+use crate::error::{tract, CompileError, Result};
+use neo_boards::BoardProfile;
+use neo_runtime::manifest::{InputSpec, OutputSpec, QuantizationInfo};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Instant;
+use tract_onnx::prelude::*;
+
+pub use calib::Method;
+pub use gate::Budget;
+
+/// The artifact file holding the compile report of a quantized model.
+pub const REPORT_FILE: &str = "report.json";
+/// Version of `report.json`'s layout.
+pub const REPORT_VERSION: u32 = 1;
+/// The one scheme neoc emits today.
+pub const SCHEME_INT8_WEIGHTS: &str = "int8-weights";
+
+/// What `--quantize int8` was asked to do.
+#[derive(Debug, Clone)]
+pub struct QuantizeOptions {
+    pub calibration: PathBuf,
+    pub method: Method,
+    /// Share of the calibration images kept aside for the accuracy gate.
+    pub holdout: f64,
+    /// At most this many images are read (evenly spread over the folder).
+    pub max_images: usize,
+    pub budget: Budget,
+    /// Keep the most sensitive layers in f32 until the budget holds, instead of failing.
+    pub mixed_precision: bool,
+}
+
+impl QuantizeOptions {
+    pub fn new(calibration: PathBuf) -> Self {
+        QuantizeOptions {
+            calibration,
+            method: Method::Percentile(99.99),
+            holdout: 0.2,
+            max_images: 200,
+            budget: Budget::default(),
+            mixed_precision: false,
+        }
+    }
+}
+
+/// One layer's line in the report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerReport {
+    pub name: String,
+    pub op: String,
+    pub weight: String,
+    pub shape: Vec<usize>,
+    /// "int8" or "f32".
+    pub precision: String,
+    /// Why a layer stayed f32.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Axis the per-channel scales run along (none: one scale).
+    pub channel_axis: Option<usize>,
+    pub weight_scale_min: f32,
+    pub weight_scale_max: f32,
+    /// ‖w − dequantized(w)‖ / ‖w‖.
+    pub weight_relative_error: f64,
+    /// Range of the activation the layer reads, from calibration.
+    pub activation: calib::ActivationRange,
+    /// Output distance (mean 1 − cosine) with only this layer quantized; measured when the
+    /// gate needed mixed precision.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sensitivity: Option<f64>,
+}
+
+/// `report.json`: what quantization did and what it cost.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuantReport {
+    pub version: u32,
+    pub board: String,
+    pub scheme: String,
+    pub compute: String,
+    /// Why the board got this scheme.
+    pub scheme_reason: String,
+    pub method: String,
+    pub calibration_dir: String,
+    pub calibration_images: usize,
+    pub holdout_images: usize,
+    pub budget: Budget,
+    pub accuracy: Vec<gate::OutputAgreement>,
+    pub layers: Vec<LayerReport>,
+    /// Bytes of the weights that were quantized, as f32 and as stored.
+    pub quantized_weights_f32_bytes: u64,
+    pub quantized_weights_stored_bytes: u64,
+    /// Weight tensors the artifact stores as int8 + scales (a layer's weight may be split
+    /// into several by the NNEF writer).
+    pub packed_tensors: usize,
+    /// The NNEF graph file, f32 and quantized.
+    pub graph_bytes_f32: u64,
+    pub graph_bytes: u64,
+    pub seconds: f64,
+}
+
+impl QuantReport {
+    /// The manifest's summary of this report.
+    pub fn info(&self) -> QuantizationInfo {
+        QuantizationInfo {
+            scheme: self.scheme.clone(),
+            compute: self.compute.clone(),
+            method: self.method.clone(),
+            calibration_images: self.calibration_images,
+            holdout_images: self.holdout_images,
+            int8_layers: self.layers.iter().filter(|l| l.precision == "int8").count(),
+            f32_layers: self
+                .layers
+                .iter()
+                .filter(|l| l.precision != "int8")
+                .map(|l| l.name.clone())
+                .collect(),
+            report: REPORT_FILE.into(),
+        }
+    }
+
+    /// Human-readable summary for stdout.
+    pub fn summary(&self) -> String {
+        let int8 = self.layers.iter().filter(|l| l.precision == "int8").count();
+        let mut s = format!(
+            "quantization: {} ({} compute) for {}: {}\n  calibration: {} images from {} \
+             ({}), {} held out for the accuracy check\n  layers: {int8} of {} int8",
+            self.scheme,
+            self.compute,
+            self.board,
+            self.scheme_reason,
+            self.calibration_images,
+            self.calibration_dir,
+            self.method,
+            self.holdout_images,
+            self.layers.len()
+        );
+        let kept: Vec<&str> = self
+            .layers
+            .iter()
+            .filter(|l| l.precision != "int8")
+            .map(|l| l.name.as_str())
+            .collect();
+        if !kept.is_empty() {
+            s += &format!(" (kept in f32: {})", kept.join(", "));
+        }
+        s += &format!(
+            "\n  weights: {:.2} MiB f32 → {:.2} MiB int8 ({} tensors); graph file {:.2} → {:.2} MiB ({:.0} %)\n",
+            mib(self.quantized_weights_f32_bytes),
+            mib(self.quantized_weights_stored_bytes),
+            self.packed_tensors,
+            mib(self.graph_bytes_f32),
+            mib(self.graph_bytes),
+            100.0 * self.graph_bytes as f64 / self.graph_bytes_f32.max(1) as f64
+        );
+        s += &gate::table(&self.accuracy, self.budget);
+        s
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// The scheme a board gets, and why.
+pub fn scheme_for(board: &BoardProfile) -> (&'static str, &'static str, String) {
+    let reason = if board.int8_compute {
+        format!(
+            "{} has fast int8 dot products, but neoc does not emit int8-compute graphs yet: \
+             weights are stored int8 and computed in f32 (activation scales are in the report)",
+            board.cpu
+        )
+    } else {
+        format!(
+            "int8 compute is slower than f32 on {} (tract's int8 kernels ran 40-70x slower on \
+             an AVX2 CPU without VNNI): weights are stored int8 and computed in f32",
+            board.cpu
+        )
+    };
+    (SCHEME_INT8_WEIGHTS, "f32", reason)
+}
+
+/// A quantized graph and its report (graph sizes filled in by the caller).
+pub struct Quantized {
+    pub model: TypedModel,
+    pub report: QuantReport,
+}
+
+/// Optimizes and plans a graph as the device does.
+pub fn device_plan(model: &TypedModel) -> Result<Arc<TypedSimplePlan>> {
+    model
+        .clone()
+        .into_optimized()
+        .map_err(tract("optimize the quantized graph"))?
+        .into_runnable()
+        .map_err(tract("plan the quantized graph"))
+}
+
+/// Calibrates and quantizes `typed` (decluttered f32), checks it against `reference` (the f32
+/// plan) on held-out images, and returns the graph to write.
+pub fn quantize(
+    typed: &TypedModel,
+    reference: &Arc<TypedSimplePlan>,
+    input: &InputSpec,
+    outputs: &[OutputSpec],
+    board: &BoardProfile,
+    opts: &QuantizeOptions,
+) -> Result<Quantized> {
+    let start = Instant::now();
+    let set = calib::load(&opts.calibration, input, opts.holdout, opts.max_images)?;
+    let layers = weights::find_layers(typed)?;
+    if layers.is_empty() {
+        return Err(CompileError::Quantize(
+            "the model has no quantizable layer (no convolution or matrix product with a \
+             constant f32 weight of 64 values or more): compile it without --quantize"
+                .into(),
+        ));
+    }
+    let mut tensors: Vec<OutletId> = Vec::new();
+    for l in &layers {
+        if !tensors.contains(&l.activation) {
+            tensors.push(l.activation);
+        }
+    }
+    let ranges = calib::activation_ranges(typed, &tensors, &set.calibration, opts.method)?;
+    let quantized: Vec<weights::QuantizedWeight> = layers
+        .iter()
+        .map(|l| {
+            let value = typed
+                .node(l.weight_node)
+                .op_as::<tract_onnx::tract_core::ops::konst::Const>()
+                .map(|c| c.val().clone())
+                .ok_or_else(|| CompileError::Quantize(format!("'{}' lost its weight", l.name)))?;
+            weights::quantize_weight(&value, l.channel_axis)
+        })
+        .collect::<Result<_>>()?;
+
+    let holdout: Vec<Tensor> = set.holdout.iter().map(|(_, t)| t.clone()).collect();
+    let refs = gate::Reference::new(reference, &holdout)?;
+    let build = |f32_layers: &[usize]| -> Result<TypedModel> {
+        let chosen: Vec<(&weights::Layer, &weights::QuantizedWeight)> = layers
+            .iter()
+            .zip(&quantized)
+            .enumerate()
+            .filter(|(i, _)| !f32_layers.contains(i))
+            .map(|(_, pair)| pair)
+            .collect();
+        weights::with_int8_weights(typed, &chosen)
+    };
+    let evaluate = |model: &TypedModel, images: &[Tensor]| -> Result<Vec<Vec<Vec<f32>>>> {
+        gate::run_all(&device_plan(model)?, images)
+    };
+
+    let mut f32_layers: Vec<usize> = Vec::new();
+    let mut model = build(&f32_layers)?;
+    let mut accuracy = refs.compare(&evaluate(&model, &holdout)?, outputs, opts.budget);
+    let mut sensitivity: Vec<Option<f64>> = vec![None; layers.len()];
+    if !accuracy.iter().all(|a| a.passed) {
+        if !opts.mixed_precision {
+            return Err(CompileError::AccuracyGate {
+                table: gate::table(&accuracy, opts.budget),
+                hint: "add --mixed-precision to keep the most sensitive layers in f32, or \
+                       relax --max-drop / --min-cosine"
+                    .into(),
+            });
+        }
+        // Each layer alone, on a few held-out images: how far does it move the outputs?
+        let probe = &holdout[..holdout.len().min(8)];
+        let probe_refs = gate::Reference::new(reference, probe)?;
+        for i in 0..layers.len() {
+            let others: Vec<usize> = (0..layers.len()).filter(|j| *j != i).collect();
+            let d = probe_refs.distance(&evaluate(&build(&others)?, probe)?);
+            sensitivity[i] = Some(d);
+        }
+        let mut order: Vec<usize> = (0..layers.len()).collect();
+        order.sort_by(|a, b| {
+            sensitivity[*b]
+                .partial_cmp(&sensitivity[*a])
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        for i in order {
+            f32_layers.push(i);
+            if f32_layers.len() == layers.len() {
+                break;
+            }
+            model = build(&f32_layers)?;
+            accuracy = refs.compare(&evaluate(&model, &holdout)?, outputs, opts.budget);
+            if accuracy.iter().all(|a| a.passed) {
+                break;
+            }
+        }
+        if f32_layers.len() == layers.len() {
+            return Err(CompileError::AccuracyGate {
+                table: gate::table(&accuracy, opts.budget),
+                hint: "even with all but one layer in f32 the budget does not hold: compile \
+                       without --quantize, or relax --max-drop / --min-cosine"
+                    .into(),
+            });
+        }
+    }
+
+    let (scheme, compute, scheme_reason) = scheme_for(board);
+    let mut layer_reports = Vec::new();
+    let (mut f32_bytes, mut stored_bytes) = (0u64, 0u64);
+    for (i, (l, q)) in layers.iter().zip(&quantized).enumerate() {
+        let int8 = !f32_layers.contains(&i);
+        let elements: usize = l.shape.iter().product();
+        if int8 {
+            f32_bytes += 4 * elements as u64;
+            stored_bytes += elements as u64 + 4 * q.scales.len() as u64;
+        }
+        let range = tensors
+            .iter()
+            .position(|t| *t == l.activation)
+            .map(|k| ranges[k].clone())
+            .expect("every layer's activation was measured");
+        layer_reports.push(LayerReport {
+            name: l.name.clone(),
+            op: l.op.into(),
+            weight: l.weight_name.clone(),
+            shape: l.shape.clone(),
+            precision: if int8 { "int8" } else { "f32" }.into(),
+            reason: (!int8).then(|| {
+                "kept in f32 by --mixed-precision (among the most sensitive layers)".into()
+            }),
+            channel_axis: l.channel_axis,
+            weight_scale_min: q.scale_min,
+            weight_scale_max: q.scale_max,
+            weight_relative_error: q.relative_error,
+            activation: range,
+            sensitivity: sensitivity[i],
+        });
+    }
+    Ok(Quantized {
+        model,
+        report: QuantReport {
+            version: REPORT_VERSION,
+            board: board.name.clone(),
+            scheme: scheme.into(),
+            compute: compute.into(),
+            scheme_reason,
+            method: opts.method.name(),
+            calibration_dir: set.dir.display().to_string(),
+            calibration_images: set.calibration.len(),
+            holdout_images: set.holdout.len(),
+            budget: opts.budget,
+            accuracy,
+            layers: layer_reports,
+            quantized_weights_f32_bytes: f32_bytes,
+            quantized_weights_stored_bytes: stored_bytes,
+            packed_tensors: 0,
+            graph_bytes_f32: 0,
+            graph_bytes: 0,
+            seconds: start.elapsed().as_secs_f64(),
+        },
+    })
+}
