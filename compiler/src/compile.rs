@@ -133,6 +133,12 @@ pub fn compile_imported(
     let (input_name, shape, dt) = fix_input(&mut model, given, &mut notes)?;
     let dtype = dtype_of(dt)?;
 
+    // The parsed ONNX graph, kept for the QDQ export (which edits the ONNX itself).
+    let onnx_model = opts
+        .quantize
+        .as_ref()
+        .and_then(|q| q.emit_qdq.as_ref())
+        .map(|_| model.clone());
     let typed = model
         .into_typed()
         .map_err(tract("infer the graph's types and shapes"))?
@@ -228,6 +234,17 @@ pub fn compile_imported(
         nnef_bytes = bytes;
         expected_plan = quantize::device_plan(&quantized.model)?;
         precision = quantized.report.scheme.clone();
+        if let (Some(path), Some(onnx_model)) = (&q.emit_qdq, &onnx_model) {
+            let f32_layers = quantized.report.info().f32_layers;
+            quantized.report.qdq = Some(quantize::qdq::export(
+                &proto,
+                onnx_model,
+                &quantized.set.calibration,
+                q.method,
+                &f32_layers,
+                path,
+            )?);
+        }
         let json = serde_json::to_vec_pretty(&quantized.report)
             .map_err(|e| CompileError::Quantize(format!("writing the report: {e}")))?;
         files.insert(quantize::REPORT_FILE.to_string(), json);

@@ -175,6 +175,9 @@ struct QuantArgs {
     /// When the budget is missed, keep the most sensitive layers in f32 until it holds.
     #[arg(long, requires = "quantize")]
     mixed_precision: bool,
+    /// Also write the calibrated model as standard QDQ ONNX (for onnxruntime, TensorRT).
+    #[arg(long, requires = "quantize", value_name = "FILE.onnx")]
+    emit_qdq: Option<PathBuf>,
 }
 
 impl QuantArgs {
@@ -212,6 +215,7 @@ impl QuantArgs {
             min_cosine: self.min_cosine,
         };
         q.mixed_precision = self.mixed_precision;
+        q.emit_qdq = self.emit_qdq;
         Ok(Some(q))
     }
 }

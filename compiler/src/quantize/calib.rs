@@ -177,6 +177,18 @@ pub fn activation_ranges(
     images: &[(PathBuf, Tensor)],
     method: Method,
 ) -> Result<Vec<ActivationRange>> {
+    Ok(activation_stats(model, tensors, &vec![None; tensors.len()], images, method)?.0)
+}
+
+/// Like [`activation_ranges`], with the mean of each tensor per index of `channel_axes[i]`
+/// (where given): what bias correction needs.
+pub fn activation_stats(
+    model: &TypedModel,
+    tensors: &[OutletId],
+    channel_axes: &[Option<usize>],
+    images: &[(PathBuf, Tensor)],
+    method: Method,
+) -> Result<(Vec<ActivationRange>, Vec<Option<Vec<f64>>>)> {
     let mut probe = model.clone();
     probe
         .select_output_outlets(tensors)
@@ -186,29 +198,52 @@ pub fn activation_ranges(
         .map_err(tract("optimize the calibration graph"))?
         .into_runnable()
         .map_err(tract("plan the calibration graph"))?;
-    let run = |t: &Tensor| -> Result<Vec<Vec<f32>>> {
+    let run = |t: &Tensor| -> Result<Vec<(Vec<usize>, Vec<f32>)>> {
         let out = plan
             .run(tvec!(t.clone().into_tvalue()))
             .map_err(tract("run a calibration image"))?;
         out.iter()
-            .map(|v| Ok(neo_runtime::tensor_to_f32(v)?))
+            .map(|v| Ok((v.shape().to_vec(), neo_runtime::tensor_to_f32(v)?)))
             .collect()
     };
     let n = tensors.len();
     let (mut min, mut max) = (vec![f32::INFINITY; n], vec![f32::NEG_INFINITY; n]);
+    let mut sums: Vec<Option<(Vec<f64>, u64)>> = vec![None; n];
     for (_, image) in images {
-        for (i, values) in run(image)?.iter().enumerate() {
+        for (i, (shape, values)) in run(image)?.iter().enumerate() {
             for v in values {
                 min[i] = min[i].min(*v);
                 max[i] = max[i].max(*v);
             }
+            if let Some(axis) = channel_axes
+                .get(i)
+                .copied()
+                .flatten()
+                .filter(|a| *a < shape.len())
+            {
+                let (channels, inner) = (shape[axis], shape[axis + 1..].iter().product::<usize>());
+                let entry = sums[i].get_or_insert_with(|| (vec![0.0; channels], 0));
+                if entry.0.len() == channels && channels > 0 && inner > 0 {
+                    for (k, v) in values.iter().enumerate() {
+                        entry.0[(k / inner) % channels] += *v as f64;
+                    }
+                    entry.1 += (values.len() / channels) as u64;
+                }
+            }
         }
     }
+    let means: Vec<Option<Vec<f64>>> = sums
+        .into_iter()
+        .map(|s| {
+            s.filter(|(_, c)| *c > 0)
+                .map(|(v, c)| v.iter().map(|x| x / c as f64).collect())
+        })
+        .collect();
     let absmax: Vec<f32> = (0..n).map(|i| min[i].abs().max(max[i].abs())).collect();
     let mut hist = vec![vec![0u64; BINS]; n];
     if method != Method::MinMax {
         for (_, image) in images {
-            for (i, values) in run(image)?.iter().enumerate() {
+            for (i, (_, values)) in run(image)?.iter().enumerate() {
                 if absmax[i] <= 0.0 {
                     continue;
                 }
@@ -219,7 +254,7 @@ pub fn activation_ranges(
             }
         }
     }
-    Ok((0..n)
+    let ranges = (0..n)
         .map(|i| {
             let threshold = if absmax[i] <= 0.0 || !absmax[i].is_finite() {
                 absmax[i].max(f32::MIN_POSITIVE)
@@ -253,7 +288,8 @@ pub fn activation_ranges(
                 clipped,
             }
         })
-        .collect())
+        .collect();
+    Ok((ranges, means))
 }
 
 /// The number of bins (from zero) holding `p` percent of the values.

@@ -15,6 +15,7 @@
 
 pub mod calib;
 pub mod gate;
+pub mod qdq;
 pub mod weights;
 
 use crate::error::{tract, CompileError, Result};
@@ -47,6 +48,10 @@ pub struct QuantizeOptions {
     pub budget: Budget,
     /// Keep the most sensitive layers in f32 until the budget holds, instead of failing.
     pub mixed_precision: bool,
+    /// Also write the calibrated model as QDQ ONNX here.
+    pub emit_qdq: Option<PathBuf>,
+    /// Take back the mean output shift of int8 weights through the layers' biases.
+    pub bias_correction: bool,
 }
 
 impl QuantizeOptions {
@@ -58,6 +63,8 @@ impl QuantizeOptions {
             max_images: 200,
             budget: Budget::default(),
             mixed_precision: false,
+            emit_qdq: None,
+            bias_correction: true,
         }
     }
 }
@@ -114,6 +121,9 @@ pub struct QuantReport {
     pub graph_bytes_f32: u64,
     pub graph_bytes: u64,
     pub seconds: f64,
+    /// The QDQ ONNX export, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qdq: Option<qdq::QdqSummary>,
 }
 
 impl QuantReport {
@@ -171,6 +181,20 @@ impl QuantReport {
             100.0 * self.graph_bytes as f64 / self.graph_bytes_f32.max(1) as f64
         );
         s += &gate::table(&self.accuracy, self.budget);
+        if let Some(q) = &self.qdq {
+            s += &format!(
+                "  QDQ ONNX: {} ({} layers, {} activations, opset {}{})\n",
+                q.path,
+                q.quantized_layers,
+                q.quantized_activations,
+                q.opset,
+                if q.opset_from != q.opset {
+                    format!(", lifted from {}", q.opset_from)
+                } else {
+                    String::new()
+                }
+            );
+        }
         s
     }
 }
@@ -201,6 +225,8 @@ pub fn scheme_for(board: &BoardProfile) -> (&'static str, &'static str, String) 
 pub struct Quantized {
     pub model: TypedModel,
     pub report: QuantReport,
+    /// The calibration images (for the QDQ export).
+    pub set: calib::CalibrationSet,
 }
 
 /// Optimizes and plans a graph as the device does.
@@ -239,7 +265,23 @@ pub fn quantize(
             tensors.push(l.activation);
         }
     }
-    let ranges = calib::activation_ranges(typed, &tensors, &set.calibration, opts.method)?;
+    let channel_axes: Vec<Option<usize>> = tensors
+        .iter()
+        .map(|t| {
+            layers
+                .iter()
+                .find(|l| l.activation == *t)
+                .and_then(|l| l.bias.as_ref())
+                .map(|b| b.activation_axis)
+        })
+        .collect();
+    let (ranges, means) = calib::activation_stats(
+        typed,
+        &tensors,
+        &channel_axes,
+        &set.calibration,
+        opts.method,
+    )?;
     let quantized: Vec<weights::QuantizedWeight> = layers
         .iter()
         .map(|l| {
@@ -251,16 +293,38 @@ pub fn quantize(
             weights::quantize_weight(&value, l.channel_axis)
         })
         .collect::<Result<_>>()?;
+    // Bias correction: take back the mean output shift the int8 weights cause.
+    let shifts: Vec<Option<Vec<f32>>> = layers
+        .iter()
+        .zip(&quantized)
+        .map(|(l, q)| {
+            let k = tensors.iter().position(|t| *t == l.activation)?;
+            let m = means[k].as_ref()?;
+            let value = typed
+                .node(l.weight_node)
+                .op_as::<tract_onnx::tract_core::ops::konst::Const>()?
+                .val()
+                .clone();
+            weights::output_shift(l, &value, q, m)
+        })
+        .collect();
 
     let holdout: Vec<Tensor> = set.holdout.iter().map(|(_, t)| t.clone()).collect();
     let refs = gate::Reference::new(reference, &holdout)?;
     let build = |f32_layers: &[usize]| -> Result<TypedModel> {
-        let chosen: Vec<(&weights::Layer, &weights::QuantizedWeight)> = layers
+        let chosen: Vec<_> = layers
             .iter()
             .zip(&quantized)
             .enumerate()
             .filter(|(i, _)| !f32_layers.contains(i))
-            .map(|(_, pair)| pair)
+            .map(|(i, (l, q))| {
+                let shift = if opts.bias_correction {
+                    shifts[i].as_ref()
+                } else {
+                    None
+                };
+                (l, q, shift)
+            })
             .collect();
         weights::with_int8_weights(typed, &chosen)
     };
@@ -369,6 +433,8 @@ pub fn quantize(
             graph_bytes_f32: 0,
             graph_bytes: 0,
             seconds: start.elapsed().as_secs_f64(),
+            qdq: None,
         },
+        set,
     })
 }

@@ -29,6 +29,23 @@ pub struct Layer {
     pub channel_axis: Option<usize>,
     /// The activation the layer reads (what int8 compute would quantize per tensor).
     pub activation: OutletId,
+    /// Where the layer's bias is and how its input channels line up, for bias correction.
+    pub bias: Option<BiasSite>,
+}
+
+/// How a layer's weight error shifts its output and where that shift can be taken back.
+#[derive(Debug, Clone)]
+pub struct BiasSite {
+    /// Axis of the activation that indexes input channels.
+    pub activation_axis: usize,
+    /// Axis of the weight that indexes input channels (within a group).
+    pub weight_in_axis: usize,
+    /// Convolution groups (1 for matrix products).
+    pub group: usize,
+    /// The input of `node` at `slot` is a constant bias, broadcast along `axis`.
+    pub node: usize,
+    pub slot: usize,
+    pub axis: usize,
 }
 
 /// Convolutions and matrix products with a constant f32 weight, in graph order.
@@ -86,6 +103,7 @@ pub fn find_layers(model: &TypedModel) -> Result<Vec<Layer>> {
         }
         let rank = value.rank();
         let channel_axis = channel_axis.map(|a| if a == usize::MAX { rank - 1 } else { a });
+        let bias = channel_axis.and_then(|out_axis| bias_site(model, node, out_axis, rank));
         layers.push(Layer {
             name: node.name.clone(),
             op,
@@ -94,9 +112,119 @@ pub fn find_layers(model: &TypedModel) -> Result<Vec<Layer>> {
             shape: value.shape().to_vec(),
             channel_axis,
             activation: node.inputs[data_slot],
+            bias,
         });
     }
     Ok(layers)
+}
+
+fn konst_at(model: &TypedModel, outlet: OutletId) -> bool {
+    model.node(outlet.node).op_is::<Const>()
+}
+
+/// Where a layer's output shift can be compensated: a convolution's own constant bias, or the
+/// constant of an Add right after a matrix product (how 1x1 convolutions and Gemm come out of
+/// decluttering).
+fn bias_site(
+    model: &TypedModel,
+    node: &TypedNode,
+    out_axis: usize,
+    rank: usize,
+) -> Option<BiasSite> {
+    if let Some(conv) = node.op_as::<Conv>() {
+        let fmt = conv.pool_spec.data_format;
+        if conv.kernel_fmt != KernelFormat::OIHW || node.inputs.len() < 3 || out_axis != 0 {
+            return None;
+        }
+        if !konst_at(model, node.inputs[2]) {
+            return None;
+        }
+        let data_rank = model.outlet_fact(node.inputs[0]).ok()?.rank();
+        let c_axis = if fmt.c_is_last() {
+            data_rank - 1
+        } else if fmt.has_n() {
+            1
+        } else {
+            0
+        };
+        return Some(BiasSite {
+            activation_axis: c_axis,
+            weight_in_axis: 1,
+            group: conv.group,
+            node: node.id,
+            slot: 2,
+            axis: 0,
+        });
+    }
+    let einsum = node.op_as::<EinSum>()?;
+    if rank != 2 {
+        return None;
+    }
+    let wslot = (0..2).find(|s| konst_at(model, node.inputs[*s]))?;
+    let other = 1 - wslot;
+    // The contracted axis: in both operands, not in the output.
+    let contracted = einsum.axes.iter_all_axes().find(|a| {
+        a.inputs[wslot].len() == 1 && a.inputs[other].len() == 1 && a.outputs[0].is_empty()
+    })?;
+    let out = einsum
+        .axes
+        .iter_all_axes()
+        .find(|a| a.inputs[wslot].as_slice() == [out_axis] && a.outputs[0].len() == 1)?;
+    let out_pos = out.outputs[0][0];
+    // The single reader must be an Add with a constant whose only non-1 axis is the output
+    // channel axis.
+    let succ = model.single_succ(node.id).ok()??;
+    let add = succ.op_as::<tract_onnx::tract_core::ops::binary::TypedBinOp>()?;
+    if add.0.name() != "Add" || succ.inputs.len() != 2 {
+        return None;
+    }
+    let slot = (0..2).find(|s| konst_at(model, succ.inputs[*s]))?;
+    let fact = model.outlet_fact(succ.inputs[slot]).ok()?;
+    let shape = fact.shape.as_concrete()?.to_vec();
+    let out_rank = model.outlet_fact(OutletId::new(node.id, 0)).ok()?.rank();
+    if shape.len() != out_rank
+        || shape
+            .iter()
+            .enumerate()
+            .any(|(i, d)| i != out_pos && *d != 1)
+    {
+        return None;
+    }
+    Some(BiasSite {
+        activation_axis: contracted.inputs[other][0],
+        weight_in_axis: contracted.inputs[wslot][0],
+        group: 1,
+        node: succ.id,
+        slot,
+        axis: out_pos,
+    })
+}
+
+/// The expected shift of each output channel that int8 weights cause, given the mean of each
+/// input channel: Σ (dequantized − original) × mean (Nagel et al.'s bias correction).
+pub fn output_shift(
+    layer: &Layer,
+    original: &Tensor,
+    q: &QuantizedWeight,
+    means: &[f64],
+) -> Option<Vec<f32>> {
+    let site = layer.bias.as_ref()?;
+    let out_axis = layer.channel_axis?;
+    let w = original.to_plain_array_view::<f32>().ok()?;
+    let d = q.dequantized.to_plain_array_view::<f32>().ok()?;
+    let outs = layer.shape[out_axis];
+    let ins_per_group = layer.shape[site.weight_in_axis];
+    let per_group_out = outs / site.group.max(1);
+    if per_group_out == 0 || ins_per_group * site.group != means.len() {
+        return None;
+    }
+    let mut shift = vec![0f64; outs];
+    for ((idx, a), b) in w.indexed_iter().zip(d.iter()) {
+        let o = idx[out_axis];
+        let i = (o / per_group_out) * ins_per_group + idx[site.weight_in_axis];
+        shift[o] += (*b as f64 - *a as f64) * means[i];
+    }
+    Some(shift.into_iter().map(|v| v as f32).collect())
 }
 
 /// An int8 weight: values, one scale per output channel (or one), and how far it is from f32.
@@ -177,10 +305,56 @@ pub fn quantize_weight(weight: &Tensor, channel_axis: Option<usize>) -> Result<Q
 /// stores such tensors as int8 + scales (`neo_runtime::int8`).
 pub fn with_int8_weights(
     model: &TypedModel,
-    layers: &[(&Layer, &QuantizedWeight)],
+    layers: &[(&Layer, &QuantizedWeight, Option<&Vec<f32>>)],
 ) -> Result<TypedModel> {
     let mut model = model.clone();
-    for (layer, q) in layers {
+    // Bias corrections first: node ids stay valid until the weight patches run.
+    for (layer, _, shift) in layers {
+        let (Some(site), Some(shift)) = (&layer.bias, shift) else {
+            continue;
+        };
+        let err = tract("correct a bias");
+        let outlet = model.node(site.node).inputs[site.slot];
+        let old = model
+            .node(outlet.node)
+            .op_as::<Const>()
+            .map(|c| c.val().clone())
+            .ok_or_else(|| CompileError::Quantize("a bias is no longer constant".into()))?;
+        let old = old.cast_to::<f32>().map_err(&err)?.into_owned();
+        let values: Vec<f32> = old
+            .to_plain_array_view::<f32>()
+            .map_err(&err)?
+            .iter()
+            .copied()
+            .collect();
+        let n = shift.len();
+        let corrected: Vec<f32> = match values.len() {
+            1 => shift.iter().map(|s| values[0] - s).collect(),
+            len if len == n => values
+                .iter()
+                .zip(shift.iter())
+                .map(|(v, s)| v - s)
+                .collect(),
+            _ => continue,
+        };
+        let shape = if values.len() == n {
+            old.shape().to_vec()
+        } else if old.rank() > 1 {
+            let mut s = vec![1; old.rank()];
+            s[site.axis] = n;
+            s
+        } else {
+            vec![n]
+        };
+        let tensor = Tensor::from_shape(&shape, &corrected).map_err(&err)?;
+        let konst = model
+            .add_const(format!("{}.bias_corrected", layer.name), tensor)
+            .map_err(&err)?;
+        model
+            .add_edge(konst, InletId::new(site.node, site.slot))
+            .map_err(&err)?;
+    }
+    for (layer, q, _) in layers {
         let err = tract("replace a weight by its int8 values");
         let mut patch = TypedModelPatch::default();
         let weight = patch

@@ -49,7 +49,8 @@ enum Command {
     /// Verify an artifact (format version, every hash) and print its manifest as JSON.
     Verify { model: PathBuf },
     /// Save the preprocessed input and the raw outputs for one image as .npy files, to compare
-    /// with another runtime on exactly the same input.
+    /// with another runtime on exactly the same input. Given a folder of images, one
+    /// subfolder per image (named after it).
     Dump {
         model: PathBuf,
         image: PathBuf,
@@ -167,7 +168,22 @@ fn bench(
         "preprocess_ms": stats(&pre),
         "inference_ms": stats(&inf),
         "end_to_end_ms": stats(&total),
+        "peak_rss_mib": peak_rss_mib(),
     }))
+}
+
+/// This process's peak resident memory (Linux `VmHWM`), in MiB; None elsewhere.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
 }
 
 fn assessment_json(a: &neo_sensor::Assessment) -> serde_json::Value {
@@ -402,6 +418,27 @@ fn classify_one(
     }))
 }
 
+/// Writes one image's preprocessed input and raw outputs as .npy files into `out`.
+fn dump_one(model: &Model, image: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let bytes = std::fs::read(image).with_context(|| format!("cannot read {}", image.display()))?;
+    let img = preprocess::decode(&image.display().to_string(), &bytes)?;
+    let input = model.image_tensor(&img)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    write_npy(
+        &out.join("input.npy"),
+        input.shape(),
+        &tensor_to_f32(&input)?,
+    )?;
+    for (i, t) in model.run(vec![input])?.iter().enumerate() {
+        write_npy(
+            &out.join(format!("output_{i}.npy")),
+            t.shape(),
+            &tensor_to_f32(t)?,
+        )?;
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<bool> {
     match cli.command {
         Command::Verify { model } => {
@@ -411,23 +448,16 @@ fn run(cli: Cli) -> Result<bool> {
         }
         Command::Dump { model, image, out } => {
             let model = Model::load(&model)?;
-            let bytes = std::fs::read(&image)
-                .with_context(|| format!("cannot read {}", image.display()))?;
-            let img = preprocess::decode(&image.display().to_string(), &bytes)?;
-            let input = model.image_tensor(&img)?;
-            std::fs::create_dir_all(&out)
-                .with_context(|| format!("cannot create {}", out.display()))?;
-            write_npy(
-                &out.join("input.npy"),
-                input.shape(),
-                &tensor_to_f32(&input)?,
-            )?;
-            for (i, t) in model.run(vec![input])?.iter().enumerate() {
-                write_npy(
-                    &out.join(format!("output_{i}.npy")),
-                    t.shape(),
-                    &tensor_to_f32(t)?,
-                )?;
+            if image.is_dir() {
+                let images = preprocess::list_images(&image)
+                    .with_context(|| format!("cannot list {}", image.display()))?;
+                anyhow::ensure!(!images.is_empty(), "{} holds no images", image.display());
+                for path in images {
+                    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+                    dump_one(&model, &path, &out.join(stem.as_ref()))?;
+                }
+            } else {
+                dump_one(&model, &image, &out)?;
             }
             Ok(true)
         }
