@@ -5,6 +5,11 @@ For each model: `neoc compile` it, `neo-run dump` the preprocessed input and the
 outputs for each image, run onnxruntime on that input with the source ONNX model, and compare.
 Fails (exit 1) if the max abs difference exceeds 1e-4 or a sanity image gets the wrong class.
 
+Then, with ../shared/data, the int8 path: `neoc compile --quantize int8 --emit-qdq` on
+mvtec_bottle calibration images; onnxruntime must load the QDQ export, give each sanity
+image its class, and agree with the int8 artifact (cosine >= 0.95: the export quantizes
+activations too, the artifact only weights).
+
   pip install onnxruntime numpy
   python3 scripts/check_onnxruntime.py [--bin target/release] [--data ../shared/data]
 
@@ -61,6 +66,29 @@ def main():
                 ok = diff <= a.tolerance and cls == want
                 failures += not ok
                 print(f"{name:<20} {os.path.basename(image):<30} {cls:>5} {want:>8} {diff:>13.2e}{'' if ok else '  FAIL'}")
+        if os.path.isdir(a.data):
+            calib = os.path.join(a.data, "images/mvtec_bottle/train/good")
+            print(f"\n{'int8 model':<20} {'image':<30} {'class':>5} {'ort qdq':>7} {'expected':>8} {'cosine':>8}")
+            for name, onnx_path, flags, output, images in models(a.data):
+                art = os.path.join(tmp, name + ".int8.neo")
+                qdq = os.path.join(tmp, name + ".qdq.onnx")
+                extra = ["--mixed-precision"] if name == "efficientnet-lite0" else []
+                subprocess.run([neoc, "compile", onnx_path, "-t", "x86_64", "-o", art, *flags, "--quantize", "int8",
+                                "--calibration", calib, "--emit-qdq", qdq, *extra], check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                sess = ort.InferenceSession(qdq, providers=["CPUExecutionProvider"])
+                in_name = sess.get_inputs()[0].name
+                for image, want in images:
+                    d = os.path.join(tmp, "dump8")
+                    subprocess.run([neo_run, "dump", art, image, "-o", d], check=True)
+                    x = np.load(os.path.join(d, "input.npy"))
+                    ours = np.load(os.path.join(d, "output_0.npy")).reshape(-1)
+                    theirs = sess.run([output], {in_name: x})[0].reshape(-1)
+                    cos = float(ours @ theirs / (np.linalg.norm(ours) * np.linalg.norm(theirs)))
+                    cls, ort_cls = int(ours.argmax()), int(theirs.argmax())
+                    ok = cls == want and ort_cls == want and cos >= 0.95
+                    failures += not ok
+                    print(f"{name:<20} {os.path.basename(image):<30} {cls:>5} {ort_cls:>7} {want:>8} {cos:>8.4f}{'' if ok else '  FAIL'}")
     print(f"{'all agree' if not failures else f'{failures} FAILED'} (tolerance {a.tolerance})")
     sys.exit(1 if failures else 0)
 

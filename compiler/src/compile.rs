@@ -242,8 +242,25 @@ pub fn compile_imported(
                 &quantized.set.calibration,
                 q.method,
                 &f32_layers,
+                &quantized.bias_shifts,
                 path,
             )?);
+            let holdout: Vec<Tensor> = quantized
+                .set
+                .holdout
+                .iter()
+                .map(|(_, t)| t.clone())
+                .collect();
+            if let Some(summary) = quantized.report.qdq.as_mut() {
+                summary.accuracy = quantize::qdq::check(
+                    path,
+                    &input.shape,
+                    &outputs,
+                    &holdout,
+                    &reference,
+                    q.budget,
+                )?;
+            }
         }
         let json = serde_json::to_vec_pretty(&quantized.report)
             .map_err(|e| CompileError::Quantize(format!("writing the report: {e}")))?;

@@ -1003,6 +1003,7 @@ fn int8_bottle_classifier_passes_its_gate_and_keeps_its_answers() {
     let model = repo().join("models/bottle-classifier/model.onnx");
     let f32_out = dir.path().join("f32.neo");
     let q_out = dir.path().join("int8.neo");
+    let qdq_out = dir.path().join("int8-qdq.onnx");
     let (code, _, stderr) = neoc(&[
         "compile",
         path_str(&model),
@@ -1023,12 +1024,15 @@ fn int8_bottle_classifier_passes_its_gate_and_keeps_its_answers() {
         "int8",
         "--calibration",
         path_str(&calib),
+        "--emit-qdq",
+        path_str(&qdq_out),
     ]);
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stdout.contains("quantization: int8-weights (f32 compute) for x86_64"),
         "{stdout}"
     );
+    assert!(stdout.contains("QDQ ONNX: "), "{stdout}");
     assert!(
         stdout.contains("24 images from"),
         "30 images, 6 held out: {stdout}"
@@ -1082,6 +1086,13 @@ fn int8_bottle_classifier_passes_its_gate_and_keeps_its_answers() {
             "{file}: {a:?} {b:?}"
         );
     }
+
+    // The QDQ export, read back by tract-onnx with its int8 activations: same answers on the
+    // held-out images, outputs close (onnxruntime reads it too: scripts/check_onnxruntime.py).
+    assert!(qdq_out.exists());
+    let qdq = &report["qdq"]["accuracy"][0];
+    assert_eq!(qdq["top1_agreement"], 1.0, "{report}");
+    assert!(qdq["cosine_mean"].as_f64().unwrap() > 0.95, "{report}");
 }
 
 #[test]

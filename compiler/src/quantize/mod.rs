@@ -194,6 +194,11 @@ impl QuantReport {
                     String::new()
                 }
             );
+            if !q.accuracy.is_empty() {
+                s += "  the QDQ export with int8 activations (read back by tract-onnx) vs f32 \
+                      (informative; the gate checks the artifact):\n";
+                s += &gate::table(&q.accuracy, self.budget);
+            }
         }
         s
     }
@@ -227,6 +232,8 @@ pub struct Quantized {
     pub report: QuantReport,
     /// The calibration images (for the QDQ export).
     pub set: calib::CalibrationSet,
+    /// Bias corrections applied, by layer (for the QDQ export).
+    pub bias_shifts: Vec<(String, Vec<f32>)>,
 }
 
 /// Optimizes and plans a graph as the device does.
@@ -436,5 +443,12 @@ pub fn quantize(
             qdq: None,
         },
         set,
+        bias_shifts: layers
+            .iter()
+            .zip(&shifts)
+            .enumerate()
+            .filter(|(i, _)| opts.bias_correction && !f32_layers.contains(i))
+            .filter_map(|(_, (l, s))| Some((l.name.clone(), s.clone()?)))
+            .collect(),
     })
 }

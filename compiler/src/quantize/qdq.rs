@@ -30,6 +30,10 @@ pub struct QdqSummary {
     /// The model's opset, and the one written.
     pub opset_from: i64,
     pub opset: i64,
+    /// The export run by tract-onnx (Q/DQ executed as written: int8 activations included)
+    /// against the f32 model on the held-out images: what int8 compute would give.
+    #[serde(default)]
+    pub accuracy: Vec<super::gate::OutputAgreement>,
 }
 
 fn err(msg: String) -> CompileError {
@@ -54,6 +58,16 @@ fn int_attr(name: &str, value: i64) -> AttributeProto {
         r#type: AttributeType::Int as i32,
         i: value,
         ..Default::default()
+    }
+}
+
+/// How tract names the node an ONNX node becomes: its name, or its first output's when it
+/// has none.
+fn node_key(n: &NodeProto) -> &str {
+    if n.name.is_empty() {
+        n.output.first().map_or("", String::as_str)
+    } else {
+        &n.name
     }
 }
 
@@ -204,6 +218,7 @@ pub fn export(
     images: &[(PathBuf, Tensor)],
     method: Method,
     f32_layers: &[String],
+    bias_shifts: &[(String, Vec<f32>)],
     path: &std::path::Path,
 ) -> Result<QdqSummary> {
     let mut proto = proto.clone();
@@ -234,7 +249,7 @@ pub fn export(
     // Layers: (node index, weight initializer, per-channel axis).
     let mut layers = Vec::new();
     for (ix, n) in graph.node.iter().enumerate() {
-        if !n.domain.is_empty() || n.input.len() < 2 || kept_f32(&n.name) {
+        if !n.domain.is_empty() || n.input.len() < 2 || kept_f32(node_key(n)) {
             continue;
         }
         let Some(&w) = init.get(&n.input[1]) else {
@@ -261,11 +276,32 @@ pub fn export(
 
     // The tensors int8 compute keeps in int8: what each layer reads and what it writes
     // (graph outputs stay f32, under their names). Thresholds measured on the ONNX tensors.
+    // An output read only by an activation function (Relu, Clip, …) is not quantized
+    // itself: runtimes fuse the pair and quantize the activation's output, whose range is the
+    // useful one (int8 steps over a pre-ReLU6 range of ±50 would leave 15 levels for 0..6).
     let graph_outputs: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+    let readers = |t: &str| -> Vec<&NodeProto> {
+        graph
+            .node
+            .iter()
+            .filter(|n| n.input.iter().any(|i| i == t))
+            .collect()
+    };
     let mut act_names: Vec<String> = Vec::new();
     for (ix, _, _) in &layers {
         let n = &graph.node[*ix];
-        for t in [&n.input[0], &n.output[0]] {
+        let out = &n.output[0];
+        let fused = readers(out).iter().all(|r| {
+            matches!(
+                r.op_type.as_str(),
+                "Relu" | "Clip" | "Sigmoid" | "LeakyRelu" | "HardSigmoid"
+            )
+        }) && !readers(out).is_empty();
+        let mut tensors = vec![&n.input[0]];
+        if !fused {
+            tensors.push(out);
+        }
+        for t in tensors {
             if !act_names.contains(t) && !graph_outputs.contains(t) {
                 act_names.push(t.clone());
             }
@@ -401,7 +437,19 @@ pub fn export(
             .copied();
         if let (Some(x_scale), Some(b)) = (x_scale, bias) {
             let bt = graph.initializer[b].clone();
-            let bv = float_values(&bt)?;
+            let mut bv = float_values(&bt)?;
+            // Bias correction, when exactly one compiled layer came from this node.
+            let onnx_name = node_key(&graph.node[*ix]).to_string();
+            let mut from_node = bias_shifts.iter().filter(|(l, _)| {
+                *l == onnx_name
+                    || l.strip_prefix(onnx_name.as_str())
+                        .is_some_and(|r| r.starts_with('.'))
+            });
+            if let (Some((_, shift)), None) = (from_node.next(), from_node.next()) {
+                if shift.len() == bv.len() {
+                    bv.iter_mut().zip(shift).for_each(|(b, s)| *b -= s);
+                }
+            }
             if bt.dims.len() == 1 && bv.len() == w_scales.len() {
                 let scales: Vec<f32> = w_scales.iter().map(|s| s * x_scale).collect();
                 let q: Vec<u8> = bv
@@ -495,5 +543,38 @@ pub fn export(
         quantized_activations: act_names.len(),
         opset_from: from,
         opset,
+        accuracy: Vec::new(),
     })
+}
+
+/// Loads the written QDQ model with tract-onnx (an independent reading of the file) and
+/// compares it with the f32 model on the held-out images.
+pub fn check(
+    path: &std::path::Path,
+    input_shape: &[usize],
+    outputs: &[neo_runtime::manifest::OutputSpec],
+    holdout: &[Tensor],
+    reference: &Arc<TypedSimplePlan>,
+    budget: super::gate::Budget,
+) -> Result<Vec<super::gate::OutputAgreement>> {
+    let mut model = tract_onnx::onnx()
+        .with_ignore_value_info(true)
+        .with_ignore_output_shapes(true)
+        .model_for_path(path)
+        .map_err(tract("read back the QDQ export"))?;
+    model
+        .set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), input_shape))
+        .map_err(tract("set the QDQ export's input"))?;
+    let names: Vec<String> = outputs.iter().map(|o| o.name.clone()).collect();
+    model
+        .select_outputs_by_name(&names)
+        .map_err(tract("select the QDQ export's outputs"))?;
+    let plan = model
+        .into_optimized()
+        .map_err(tract("optimize the QDQ export"))?
+        .into_runnable()
+        .map_err(tract("plan the QDQ export"))?;
+    let refs = super::gate::Reference::new(reference, holdout)?;
+    let got = super::gate::run_all(&plan, holdout)?;
+    Ok(refs.compare(&got, outputs, budget))
 }
