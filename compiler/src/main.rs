@@ -159,7 +159,7 @@ struct QuantArgs {
     calibration_method: CalibMethodArg,
     /// Percentile of |x| for --calibration-method percentile.
     #[arg(long, default_value_t = 99.99, requires = "quantize")]
-    percentile: f64,
+    calibration_percentile: f64,
     /// Share of the calibration images held out for the accuracy check.
     #[arg(long, default_value_t = 0.2, requires = "quantize")]
     holdout: f64,
@@ -199,13 +199,13 @@ impl QuantArgs {
         if !(0.0..1.0).contains(&self.holdout) || self.holdout == 0.0 {
             anyhow::bail!("--holdout is a fraction between 0 and 1, e.g. 0.2");
         }
-        if !(50.0..=100.0).contains(&self.percentile) {
-            anyhow::bail!("--percentile is between 50 and 100, e.g. 99.99");
+        if !(50.0..=100.0).contains(&self.calibration_percentile) {
+            anyhow::bail!("--calibration-percentile is between 50 and 100, e.g. 99.99");
         }
         let mut q = QuantizeOptions::new(dir);
         q.method = match self.calibration_method {
             CalibMethodArg::Minmax => Method::MinMax,
-            CalibMethodArg::Percentile => Method::Percentile(self.percentile),
+            CalibMethodArg::Percentile => Method::Percentile(self.calibration_percentile),
             CalibMethodArg::Entropy => Method::Entropy,
         };
         q.holdout = self.holdout;
@@ -266,6 +266,11 @@ struct TrainAnomalyArgs {
     score_border: usize,
     #[command(flatten)]
     input: InputArgs,
+    #[command(flatten)]
+    quant: QuantArgs,
+    /// Largest image-AUROC loss of the int8 detector against f32 (with --defects).
+    #[arg(long, default_value_t = 0.01, requires = "quantize")]
+    max_auroc_drop: f64,
 }
 
 #[derive(Args)]
@@ -649,9 +654,16 @@ fn run(cli: Cli) -> Result<()> {
                 percentile,
                 score_border,
                 input,
+                quant,
+                max_auroc_drop,
             } = *args;
+            let mut compile = options(backbone, target, output.clone(), input)?;
+            compile.quantize = quant.options()?;
+            if let Some(q) = compile.quantize.as_mut() {
+                q.max_auroc_drop = max_auroc_drop;
+            }
             let opts = TrainOptions {
-                compile: options(backbone, target, output.clone(), input)?,
+                compile,
                 layers,
                 normal,
                 dataset,
@@ -666,6 +678,9 @@ fn run(cli: Cli) -> Result<()> {
             let r = neoc::anomaly::train_anomaly(&opts, &boards)?;
             for note in &r.notes {
                 eprintln!("note: {note}");
+            }
+            if let Some(q) = &r.quantization {
+                print!("{}", q.summary());
             }
             let a = r
                 .manifest

@@ -1224,3 +1224,67 @@ fn the_accuracy_gate_fails_readably_and_mixed_precision_keeps_the_sensitive_laye
     );
     assert_eq!(layers[0]["precision"], "int8");
 }
+
+#[test]
+fn an_int8_anomaly_detector_is_checked_against_f32_by_auroc() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = good_folder(dir.path());
+    let calib = calibration_folder(dir.path());
+    let defects = dir.path().join("defects");
+    std::fs::create_dir(&defects).unwrap();
+    for f in [
+        "bottle_broken_large_000.png",
+        "bottle_broken_small_001.png",
+        "bottle_contamination_000.png",
+    ] {
+        std::fs::copy(repo().join("models/samples").join(f), defects.join(f)).unwrap();
+    }
+    let out = dir.path().join("detector-int8.neo");
+    let backbone = repo().join("models/bottle-classifier/model.onnx");
+    let args = [
+        "train",
+        "anomaly",
+        "--backbone",
+        path_str(&backbone),
+        "--layers",
+        "stage3,stage4",
+        "--normal",
+        path_str(&good),
+        "--defects",
+        path_str(&defects),
+        "-o",
+        path_str(&out),
+        "--coreset-ratio",
+        "0.1",
+        "--quantize",
+        "int8",
+        "--calibration",
+        path_str(&calib),
+    ];
+    let (code, stdout, stderr) = neoc(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("detector: int8 vs f32 on 1 good + 3 defective"),
+        "{stdout}"
+    );
+    let artifact = neo_runtime::Artifact::open(&out).unwrap();
+    assert_eq!(artifact.manifest.target.precision, "int8-weights");
+    let q = artifact.manifest.quantization.clone().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(artifact.file(&q.report).unwrap()).unwrap();
+    let a = &report["anomaly"];
+    assert_eq!(a["auroc_f32"], 1.0, "{a}");
+    assert_eq!(a["auroc_int8"], 1.0, "{a}");
+    assert!(a["threshold_shift"].as_f64().unwrap().abs() < 0.05, "{a}");
+    // The memory bank stays f32: no layer of the nearest-neighbour search is int8.
+    let layers = report["layers"].as_array().unwrap();
+    assert!(layers
+        .iter()
+        .all(|l| !l["name"].as_str().unwrap().starts_with("neo_knn/")));
+    // The device flags the defect with the int8 detector.
+    let model = Model::load(&out).unwrap();
+    let img = image::open(repo().join("models/samples/bottle_broken_large_000.png")).unwrap();
+    let (preds, _) = model.predict(&img, 1).unwrap();
+    let verdict = preds[0].anomaly.clone().unwrap().verdict;
+    assert_eq!(verdict, neo_runtime::anomaly::Verdict::Ng);
+}

@@ -57,6 +57,8 @@ pub struct TrainReport {
     pub held_out_good_scores: Vec<f32>,
     pub defect_scores: Vec<f32>,
     pub seconds: f64,
+    /// What quantization did (`--quantize`), with the detector's AUROC check.
+    pub quantization: Option<crate::quantize::QuantReport>,
 }
 
 fn opt(msg: String) -> CompileError {
@@ -291,6 +293,9 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
         )));
     }
     let mut feature_opts = opts.compile.clone();
+    // The bank is built from f32 features; only the detector's backbone is quantized, so
+    // int8 and f32 detectors share the bank and can be compared.
+    feature_opts.quantize = None;
     // Explicit outputs: a card's `[output] names` describe the backbone, not this head.
     feature_opts.outputs = vec![head::PATCHES.to_string()];
     feature_opts.task = Some(Task::Features);
@@ -334,7 +339,12 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
     // Detector: the same head plus the nearest-neighbour search.
     let mut detector_proto = patch_proto;
     head::add_knn(&mut detector_proto, &bank, picks.len(), dim, (gh, gw))?;
+    let f32_proto = detector_proto.clone();
     let mut det_opts = opts.compile.clone();
+    if let Some(q) = det_opts.quantize.as_mut() {
+        // The bank's row norms are precomputed from its f32 rows: it stays f32.
+        q.exclude_prefixes.push("neo_knn/".into());
+    }
     det_opts.name = opts.compile.name.clone().or_else(|| {
         opts.compile
             .output
@@ -369,6 +379,83 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
 
     let good_scores = raw_scores(&detector.model, &spec, &held_out)?;
     let defect_scores = raw_scores(&detector.model, &spec, &defects)?;
+    let choose = |good: &[f32], bad: &[f32]| {
+        if bad.is_empty() {
+            percentile(good, opts.percentile)
+        } else {
+            best_f1_threshold(good, bad).0
+        }
+    };
+    // An int8 detector is held against the same detector in f32 (same bank): AUROC and
+    // threshold, on the held-out good and the defective images.
+    let mut detector = detector;
+    if let (Some(q), Some(report)) = (&det_opts.quantize, detector.quantization.as_mut()) {
+        let mut f32_opts = det_opts.clone();
+        f32_opts.quantize = None;
+        let reference = compile_imported(
+            import::from_proto(
+                f32_proto,
+                imported.bytes.clone(),
+                backbone.parent(),
+                &backbone.display().to_string(),
+            )?,
+            &f32_opts,
+            boards,
+            Some(spec.clone()),
+        )?;
+        let good32 = raw_scores(&reference.model, &spec, &held_out)?;
+        let bad32 = raw_scores(&reference.model, &spec, &defects)?;
+        let labels: Vec<bool> = good32
+            .iter()
+            .map(|_| false)
+            .chain(bad32.iter().map(|_| true))
+            .collect();
+        let auc = |g: &[f32], b: &[f32]| {
+            (!b.is_empty()).then(|| {
+                let all: Vec<f32> = g.iter().chain(b).copied().collect();
+                super::eval::auroc(&all, &labels)
+            })
+        };
+        let (auroc_f32, auroc_int8) = (auc(&good32, &bad32), auc(&good_scores, &defect_scores));
+        let (t32, t8) = (
+            choose(&good32, &bad32),
+            choose(&good_scores, &defect_scores),
+        );
+        let max_change = good32
+            .iter()
+            .chain(&bad32)
+            .zip(good_scores.iter().chain(&defect_scores))
+            .map(|(a, b)| ((b - a) / a.abs().max(1e-12)).abs() as f64)
+            .fold(0.0, f64::max);
+        let passed = match (auroc_f32, auroc_int8) {
+            (Some(a), Some(b)) => a - b <= q.max_auroc_drop + 1e-12,
+            _ => true,
+        };
+        let agreement = crate::quantize::AnomalyAgreement {
+            good_images: good32.len(),
+            defect_images: bad32.len(),
+            auroc_f32,
+            auroc_int8,
+            max_auroc_drop: q.max_auroc_drop,
+            threshold_f32: t32,
+            threshold_int8: t8,
+            threshold_shift: (t8 / t32 - 1.0) as f64,
+            max_score_change: max_change,
+            passed,
+        };
+        report.anomaly = Some(agreement.clone());
+        if !passed {
+            return Err(CompileError::AccuracyGate {
+                table: report.summary(),
+                hint: format!(
+                    "the int8 detector's image AUROC drops {:.4} (budget {}): add \
+                     --mixed-precision with a stricter --min-cosine, or train without --quantize",
+                    auroc_f32.unwrap_or(0.0) - auroc_int8.unwrap_or(0.0),
+                    q.max_auroc_drop
+                ),
+            });
+        }
+    }
     let (threshold, method) = if defect_scores.is_empty() {
         let t = percentile(&good_scores, opts.percentile);
         (
@@ -396,11 +483,7 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
         )));
     }
     let mut manifest = detector.artifact.manifest.clone();
-    if let Some(a) = manifest.anomaly.as_mut() {
-        a.threshold = threshold;
-        a.threshold_method = method;
-    }
-    let files: BTreeMap<String, Vec<u8>> = detector
+    let mut files: BTreeMap<String, Vec<u8>> = detector
         .artifact
         .file_names()
         .filter_map(|n| {
@@ -410,6 +493,15 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
                 .map(|d| (n.to_string(), d.to_vec()))
         })
         .collect();
+    if let Some(report) = &detector.quantization {
+        let json = serde_json::to_vec_pretty(report)
+            .map_err(|e| CompileError::Quantize(format!("writing the report: {e}")))?;
+        files.insert(crate::quantize::REPORT_FILE.to_string(), json);
+    }
+    if let Some(a) = manifest.anomaly.as_mut() {
+        a.threshold = threshold;
+        a.threshold_method = method;
+    }
     let artifact = Artifact::new(manifest, files)?;
     artifact.write(&opts.compile.output)?;
     Ok(TrainReport {
@@ -421,6 +513,7 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
         held_out_good_scores: good_scores,
         defect_scores,
         seconds: start.elapsed().as_secs_f64(),
+        quantization: detector.quantization,
     })
 }
 

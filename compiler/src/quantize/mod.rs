@@ -52,6 +52,12 @@ pub struct QuantizeOptions {
     pub emit_qdq: Option<PathBuf>,
     /// Take back the mean output shift of int8 weights through the layers' biases.
     pub bias_correction: bool,
+    /// Layers whose name starts with one of these stay f32 (e.g. a detector's memory bank,
+    /// whose row norms are precomputed from the f32 rows).
+    pub exclude_prefixes: Vec<String>,
+    /// Largest image-AUROC loss allowed for anomaly detectors (checked by `train anomaly`
+    /// when defective images are given).
+    pub max_auroc_drop: f64,
 }
 
 impl QuantizeOptions {
@@ -65,6 +71,8 @@ impl QuantizeOptions {
             mixed_precision: false,
             emit_qdq: None,
             bias_correction: true,
+            exclude_prefixes: Vec::new(),
+            max_auroc_drop: 0.01,
         }
     }
 }
@@ -124,6 +132,27 @@ pub struct QuantReport {
     /// The QDQ ONNX export, when asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qdq: Option<qdq::QdqSummary>,
+    /// For anomaly detectors: the int8 detector against the f32 one on held-out images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<AnomalyAgreement>,
+}
+
+/// An int8 anomaly detector against the same detector in f32 (same memory bank).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AnomalyAgreement {
+    pub good_images: usize,
+    pub defect_images: usize,
+    /// Image AUROC (needs defective images).
+    pub auroc_f32: Option<f64>,
+    pub auroc_int8: Option<f64>,
+    pub max_auroc_drop: f64,
+    /// Thresholds each detector's own scores give, and the relative shift.
+    pub threshold_f32: f32,
+    pub threshold_int8: f32,
+    pub threshold_shift: f64,
+    /// Largest relative difference of an image score.
+    pub max_score_change: f64,
+    pub passed: bool,
 }
 
 impl QuantReport {
@@ -181,6 +210,21 @@ impl QuantReport {
             100.0 * self.graph_bytes as f64 / self.graph_bytes_f32.max(1) as f64
         );
         s += &gate::table(&self.accuracy, self.budget);
+        if let Some(a) = &self.anomaly {
+            s += &format!(
+                "  detector: int8 vs f32 on {} good + {} defective held-out images: AUROC {} vs {}, \
+                 threshold {:.4} vs {:.4} ({:+.2} %), largest score change {:.2} % — {}\n",
+                a.good_images,
+                a.defect_images,
+                a.auroc_int8.map_or("-".into(), |v| format!("{v:.4}")),
+                a.auroc_f32.map_or("-".into(), |v| format!("{v:.4}")),
+                a.threshold_int8,
+                a.threshold_f32,
+                a.threshold_shift * 100.0,
+                a.max_score_change * 100.0,
+                if a.passed { "ok" } else { "FAIL" }
+            );
+        }
         if let Some(q) = &self.qdq {
             s += &format!(
                 "  QDQ ONNX: {} ({} layers, {} activations, opset {}{})\n",
@@ -258,7 +302,15 @@ pub fn quantize(
 ) -> Result<Quantized> {
     let start = Instant::now();
     let set = calib::load(&opts.calibration, input, opts.holdout, opts.max_images)?;
-    let layers = weights::find_layers(typed)?;
+    let layers: Vec<weights::Layer> = weights::find_layers(typed)?
+        .into_iter()
+        .filter(|l| {
+            !opts
+                .exclude_prefixes
+                .iter()
+                .any(|p| l.name.starts_with(p.as_str()))
+        })
+        .collect();
     if layers.is_empty() {
         return Err(CompileError::Quantize(
             "the model has no quantizable layer (no convolution or matrix product with a \
@@ -441,6 +493,7 @@ pub fn quantize(
             graph_bytes: 0,
             seconds: start.elapsed().as_secs_f64(),
             qdq: None,
+            anomaly: None,
         },
         set,
         bias_shifts: layers
