@@ -302,7 +302,7 @@ mod tests {
         // Channel scales as the compiler makes them (absmax / 127), values int8 × scale.
         let scales = [0.013f32 / 127.0, 2.5 / 127.0, 1.0 / 127.0];
         let mut q: Vec<i8> = (0..3 * 40)
-            .map(|i| (((i * 37) % 255) as i32 - 127) as i8)
+            .map(|i| (((i * 37) % 255) - 127) as i8)
             .collect();
         for c in 0..3 {
             q[c * 40 + 1] = if c == 1 { 127 } else { -127 }; // each channel's extreme

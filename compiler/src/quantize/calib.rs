@@ -180,6 +180,9 @@ pub fn activation_ranges(
     Ok(activation_stats(model, tensors, &vec![None; tensors.len()], images, method)?.0)
 }
 
+/// Per-channel means of the measured tensors (where a channel axis was given).
+pub type ChannelMeans = Vec<Option<Vec<f64>>>;
+
 /// Like [`activation_ranges`], with the mean of each tensor per index of `channel_axes[i]`
 /// (where given): what bias correction needs.
 pub fn activation_stats(
@@ -188,7 +191,7 @@ pub fn activation_stats(
     channel_axes: &[Option<usize>],
     images: &[(PathBuf, Tensor)],
     method: Method,
-) -> Result<(Vec<ActivationRange>, Vec<Option<Vec<f64>>>)> {
+) -> Result<(Vec<ActivationRange>, ChannelMeans)> {
     let mut probe = model.clone();
     probe
         .select_output_outlets(tensors)

@@ -407,10 +407,9 @@ pub fn quantize(
         // Each layer alone, on a few held-out images: how far does it move the outputs?
         let probe = &holdout[..holdout.len().min(8)];
         let probe_refs = gate::Reference::new(reference, probe)?;
-        for i in 0..layers.len() {
+        for (i, slot) in sensitivity.iter_mut().enumerate() {
             let others: Vec<usize> = (0..layers.len()).filter(|j| *j != i).collect();
-            let d = probe_refs.distance(&evaluate(&build(&others)?, probe)?);
-            sensitivity[i] = Some(d);
+            *slot = Some(probe_refs.distance(&evaluate(&build(&others)?, probe)?));
         }
         let mut order: Vec<usize> = (0..layers.len()).collect();
         order.sort_by(|a, b| {

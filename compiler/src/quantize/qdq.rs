@@ -81,7 +81,7 @@ fn float_values(t: &TensorProto) -> Result<Vec<f32>> {
     if !t.float_data.is_empty() {
         return Ok(t.float_data.clone());
     }
-    if t.raw_data.len() % 4 != 0 {
+    if !t.raw_data.len().is_multiple_of(4) {
         return Err(err(format!("initializer '{}' has a broken size", t.name)));
     }
     Ok(t.raw_data
