@@ -157,13 +157,7 @@ fn lift_to_13(graph: &mut GraphProto, typed: &TypedModel, from: i64) -> Result<(
                 // Before 13: flatten to 2-D at `axis` (default 1); from 13: one axis. The same
                 // when every dimension after `axis` is 1.
                 let axis = attr_i(&n, "axis").unwrap_or(1);
-                let node = typed.nodes().iter().find(|t| {
-                    t.outputs.iter().enumerate().any(|(slot, _)| {
-                        typed
-                            .outlet_label(OutletId::new(t.id, slot))
-                            .is_some_and(|l| l == n.output[0])
-                    }) || t.name == n.name
-                });
+                let node = typed.nodes().iter().find(|t| t.name == node_key(&n));
                 let shape = node
                     .and_then(|t| typed.outlet_fact(OutletId::new(t.id, 0)).ok())
                     .and_then(|f| f.shape.as_concrete().map(|s| s.to_vec()));
