@@ -326,11 +326,17 @@ fn refs(v: &[String]) -> Vec<&str> {
 }
 
 fn good_folder(dir: &Path) -> PathBuf {
-    let good = dir.join("good");
-    std::fs::create_dir_all(&good).unwrap();
+    augmented_folder(dir, "good", &["bottle_good_000.png", "bottle_good_003.png"])
+}
+
+/// `dir/name/` with six variants of each shipped sample in `files`: as is, mirrored both
+/// ways, rotated both ways and rescaled.
+fn augmented_folder(dir: &Path, name: &str, files: &[&str]) -> PathBuf {
+    let out = dir.join(name);
+    std::fs::create_dir_all(&out).unwrap();
     let mut n = 0;
-    for name in ["bottle_good_000.png", "bottle_good_003.png"] {
-        let img = image::open(repo().join("models/samples").join(name)).unwrap();
+    for file in files {
+        let img = image::open(repo().join("models/samples").join(file)).unwrap();
         for v in [
             img.clone(),
             img.fliph(),
@@ -339,11 +345,11 @@ fn good_folder(dir: &Path) -> PathBuf {
             img.rotate270(),
             img.resize_exact(280, 300, image::imageops::FilterType::Triangle),
         ] {
-            v.save(good.join(format!("good_{n:02}.png"))).unwrap();
+            v.save(out.join(format!("{name}_{n:02}.png"))).unwrap();
             n += 1;
         }
     }
-    good
+    out
 }
 
 #[test]
@@ -971,29 +977,17 @@ fn the_shipped_compiled_fixture_is_current() {
 /// Thirty calibration images from the shipped samples (all five, each mirrored, rotated and
 /// rescaled): real bottle frames, varied the way a line camera varies them.
 fn calibration_folder(dir: &Path) -> PathBuf {
-    let out = dir.join("calibration");
-    std::fs::create_dir_all(&out).unwrap();
-    let mut names: Vec<_> = std::fs::read_dir(repo().join("models/samples"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    names.sort();
-    let mut n = 0;
-    for path in names {
-        let img = image::open(&path).unwrap();
-        for v in [
-            img.clone(),
-            img.fliph(),
-            img.flipv(),
-            img.rotate90(),
-            img.rotate270(),
-            img.resize_exact(280, 300, image::imageops::FilterType::Triangle),
-        ] {
-            v.save(out.join(format!("calib_{n:02}.png"))).unwrap();
-            n += 1;
-        }
-    }
-    out
+    augmented_folder(
+        dir,
+        "calibration",
+        &[
+            "bottle_broken_large_000.png",
+            "bottle_broken_small_001.png",
+            "bottle_contamination_000.png",
+            "bottle_good_000.png",
+            "bottle_good_003.png",
+        ],
+    )
 }
 
 #[test]

@@ -292,6 +292,20 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
             (cells * dim * 4) as f64 / (1024.0 * 1024.0)
         )));
     }
+    // The backbone with a head, compiled like any model (the source hash stays the backbone's).
+    let compile_proto = |proto, opts: &CompileOptions, spec: Option<AnomalySpec>| {
+        compile_imported(
+            import::from_proto(
+                proto,
+                imported.bytes.clone(),
+                backbone.parent(),
+                &backbone.display().to_string(),
+            )?,
+            opts,
+            boards,
+            spec,
+        )
+    };
     let mut feature_opts = opts.compile.clone();
     // The bank is built from f32 features; only the detector's backbone is quantized, so
     // int8 and f32 detectors share the bank and can be compared.
@@ -300,17 +314,7 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
     feature_opts.outputs = vec![head::PATCHES.to_string()];
     feature_opts.task = Some(Task::Features);
     feature_opts.labels = None;
-    let features = compile_imported(
-        import::from_proto(
-            patch_proto.clone(),
-            imported.bytes.clone(),
-            backbone.parent(),
-            &backbone.display().to_string(),
-        )?,
-        &feature_opts,
-        boards,
-        None,
-    )?;
+    let features = compile_proto(patch_proto.clone(), &feature_opts, None)?;
     notes.extend(features.notes.iter().cloned());
 
     let mut bank_source = Vec::with_capacity(train.len() * cells * dim);
@@ -365,17 +369,7 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
         training_images: train.len(),
         score_border: opts.score_border,
     };
-    let detector = compile_imported(
-        import::from_proto(
-            detector_proto,
-            imported.bytes.clone(),
-            backbone.parent(),
-            &backbone.display().to_string(),
-        )?,
-        &det_opts,
-        boards,
-        Some(spec.clone()),
-    )?;
+    let detector = compile_proto(detector_proto, &det_opts, Some(spec.clone()))?;
 
     let good_scores = raw_scores(&detector.model, &spec, &held_out)?;
     let defect_scores = raw_scores(&detector.model, &spec, &defects)?;
@@ -392,17 +386,7 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
     if let (Some(q), Some(report)) = (&det_opts.quantize, detector.quantization.as_mut()) {
         let mut f32_opts = det_opts.clone();
         f32_opts.quantize = None;
-        let reference = compile_imported(
-            import::from_proto(
-                f32_proto,
-                imported.bytes.clone(),
-                backbone.parent(),
-                &backbone.display().to_string(),
-            )?,
-            &f32_opts,
-            boards,
-            Some(spec.clone()),
-        )?;
+        let reference = compile_proto(f32_proto, &f32_opts, Some(spec.clone()))?;
         let good32 = raw_scores(&reference.model, &spec, &held_out)?;
         let bad32 = raw_scores(&reference.model, &spec, &defects)?;
         let labels: Vec<bool> = good32
