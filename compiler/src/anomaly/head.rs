@@ -251,6 +251,19 @@ pub fn add_patch_head(
     Ok((grid.height, grid.width, dim))
 }
 
+/// The bank with each row rounded to int8 × its own scale (symmetric, absmax/127): values an
+/// int8 store reproduces exactly.
+pub fn int8_rows(bank: &[f32], dim: usize) -> Vec<f32> {
+    bank.chunks(dim)
+        .flat_map(|row| {
+            let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let s = if m > 0.0 { m / 127.0 } else { 1.0 };
+            row.iter()
+                .map(move |v| (v / s).round().clamp(-127.0, 127.0) * s)
+        })
+        .collect()
+}
+
 /// Adds the nearest-neighbour search against `bank` (`rows` x `dim`, row-major) after the
 /// patch head; the graph's only output becomes [`ANOMALY_MAP`] [1, 1, grid_h, grid_w] holding
 /// each patch's Euclidean distance to its nearest memory row.

@@ -284,12 +284,16 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
     let (gh, gw, dim) =
         head::add_patch_head(&mut patch_proto, &opts.layers, &shapes, opts.aggregation)?;
     let cells = gh * gw;
-    let budget_rows = (opts.memory_budget_mb * 1024.0 * 1024.0 / (dim * 4) as f64) as usize;
+    // An int8 bank row: `dim` bytes and its scale.
+    let int8_bank = opts.compile.quantize.is_some();
+    let row_bytes = if int8_bank { dim + 4 } else { dim * 4 };
+    let budget_rows = (opts.memory_budget_mb * 1024.0 * 1024.0 / row_bytes as f64) as usize;
     if budget_rows < cells {
         return Err(opt(format!(
-            "a memory budget of {} MB holds {budget_rows} patches of {dim} floats, fewer than one image's {cells}; raise --memory-budget to at least {:.1}",
+            "a memory budget of {} MB holds {budget_rows} patches of {dim} {}, fewer than one image's {cells}; raise --memory-budget to at least {:.1}",
             opts.memory_budget_mb,
-            (cells * dim * 4) as f64 / (1024.0 * 1024.0)
+            if int8_bank { "int8 values" } else { "floats" },
+            (cells * row_bytes) as f64 / (1024.0 * 1024.0)
         )));
     }
     // The backbone with a head, compiled like any model (the source hash stays the backbone's).
@@ -340,13 +344,27 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
     }
     drop(bank_source);
 
-    // Detector: the same head plus the nearest-neighbour search.
+    // Detector: the same head plus the nearest-neighbour search. Quantized, the bank is int8
+    // per row (norms taken from the int8 rows, so distances stay consistent; the artifact
+    // stores it packed); the f32 detector it is checked against keeps the f32 bank.
+    let mut f32_proto = patch_proto.clone();
+    head::add_knn(&mut f32_proto, &bank, picks.len(), dim, (gh, gw))?;
     let mut detector_proto = patch_proto;
-    head::add_knn(&mut detector_proto, &bank, picks.len(), dim, (gh, gw))?;
-    let f32_proto = detector_proto.clone();
+    if int8_bank {
+        let int8_rows = head::int8_rows(&bank, dim);
+        head::add_knn(&mut detector_proto, &int8_rows, picks.len(), dim, (gh, gw))?;
+        notes.push(format!(
+            "memory bank: {} rows of {dim} stored int8 per row ({:.2} MiB, f32 would be {:.2})",
+            picks.len(),
+            (picks.len() * row_bytes) as f64 / (1024.0 * 1024.0),
+            (picks.len() * dim * 4) as f64 / (1024.0 * 1024.0)
+        ));
+    } else {
+        detector_proto = f32_proto.clone();
+    }
     let mut det_opts = opts.compile.clone();
     if let Some(q) = det_opts.quantize.as_mut() {
-        // The bank's row norms are precomputed from its f32 rows: it stays f32.
+        // The bank is quantized above, per row, with norms to match.
         q.exclude_prefixes.push("neo_knn/".into());
     }
     det_opts.name = opts.compile.name.clone().or_else(|| {
