@@ -1261,6 +1261,10 @@ fn an_int8_anomaly_detector_is_checked_against_f32_by_auroc() {
         stdout.contains("detector: int8 vs f32 on 1 good + 3 defective"),
         "{stdout}"
     );
+    assert!(
+        stderr.contains("stored int8 per row"),
+        "int8 bank: {stderr}"
+    );
     let artifact = neo_runtime::Artifact::open(&out).unwrap();
     assert_eq!(artifact.manifest.target.precision, "int8-weights");
     let q = artifact.manifest.quantization.clone().unwrap();
