@@ -74,7 +74,7 @@ def main():
                 qdq = os.path.join(tmp, name + ".qdq.onnx")
                 extra = ["--mixed-precision"] if name == "efficientnet-lite0" else []
                 subprocess.run([neoc, "compile", onnx_path, "-t", "x86_64", "-o", art, *flags, "--quantize", "int8",
-                                "--calibration", calib, "--emit-qdq", qdq, *extra], check=True,
+                                "--calibration", calib, "--max-images", "60", "--emit-qdq", qdq, *extra], check=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 sess = ort.InferenceSession(qdq, providers=["CPUExecutionProvider"])
                 in_name = sess.get_inputs()[0].name
