@@ -7,7 +7,7 @@ use crate::quantize::{self, QuantReport};
 use neo_boards::{BoardProfile, Boards};
 use neo_runtime::artifact::{sha256_hex, MODEL_FILE};
 use neo_runtime::manifest::*;
-use neo_runtime::{Artifact, Model, FORMAT_VERSION, TRACT_VERSION};
+use neo_runtime::{Artifact, Model, TRACT_VERSION};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -61,6 +61,9 @@ pub fn compile(opts: &CompileOptions, boards: &Boards) -> Result<CompileReport> 
     let start = Instant::now();
     let compiled = compile_imported(import::import(&opts.model)?, opts, boards, None)?;
     compiled.artifact.write(&opts.output)?;
+    if let Some(file) = compiled.qdq_file {
+        file.keep();
+    }
     Ok(CompileReport {
         manifest: compiled.artifact.manifest,
         artifact_bytes: compiled.bytes,
@@ -79,6 +82,8 @@ pub struct Compiled {
     pub notes: Vec<String>,
     pub self_check_max_diff: f32,
     pub quantization: Option<QuantReport>,
+    /// The QDQ export, removed if this compile is dropped without being kept.
+    pub qdq_file: Option<quantize::qdq::Written>,
 }
 
 /// Compiles an imported model (from a file, or edited in memory) into an artifact; `anomaly`
@@ -222,6 +227,7 @@ pub fn compile_imported(
     let mut nnef_bytes = write_nnef(&typed)?;
     let mut files = BTreeMap::new();
     let mut quantization = None;
+    let mut qdq_file = None;
     let mut precision = "f32".to_string();
     // What the reloaded artifact must reproduce: the f32 plan, or the quantized graph's.
     let mut expected_plan = reference.clone();
@@ -245,6 +251,7 @@ pub fn compile_imported(
                 &quantized.bias_shifts,
                 path,
             )?);
+            qdq_file = Some(quantize::qdq::Written::new(path));
             let holdout: Vec<Tensor> = quantized
                 .set
                 .holdout
@@ -275,7 +282,9 @@ pub fn compile_imported(
         .or(card.name.clone())
         .unwrap_or_else(|| file_stem(&opts.model));
     let manifest = Manifest {
-        format_version: FORMAT_VERSION,
+        format_version: neo_runtime::manifest::format_version_for(
+            quantization.as_ref().is_some_and(|q| q.packed_tensors > 0),
+        ),
         name,
         compiler: compiler_info(),
         source: SourceInfo {
@@ -334,6 +343,7 @@ pub fn compile_imported(
         notes,
         self_check_max_diff: max_diff,
         quantization,
+        qdq_file,
     })
 }
 

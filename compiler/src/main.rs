@@ -660,6 +660,9 @@ fn run(cli: Cli) -> Result<()> {
             let mut compile = options(backbone, target, output.clone(), input)?;
             compile.quantize = quant.options()?;
             if let Some(q) = compile.quantize.as_mut() {
+                if !(0.0..=1.0).contains(&max_auroc_drop) {
+                    anyhow::bail!("--max-auroc-drop is between 0 and 1, e.g. 0.01");
+                }
                 q.max_auroc_drop = max_auroc_drop;
             }
             let opts = TrainOptions {

@@ -8,7 +8,7 @@ use crate::error::{CompileError, Result};
 use neo_boards::Boards;
 use neo_runtime::artifact::sha256_hex;
 use neo_runtime::manifest::{Manifest, SourceInfo};
-use neo_runtime::{SensorArtifact, FORMAT_VERSION};
+use neo_runtime::SensorArtifact;
 use neo_sensor::features::{AccelUnit, Bearing, ProcessConfig, ProcessStat, VibrationConfig};
 use neo_sensor::model::{fit_with_threshold, FitOptions, ModelKind, ThresholdRule};
 use neo_sensor::{
@@ -270,7 +270,7 @@ pub fn train_sensor(opts: &SensorTrainOptions, boards: &Boards) -> Result<Sensor
             .unwrap_or_else(|| "sensor".into())
     });
     let manifest = Manifest {
-        format_version: FORMAT_VERSION,
+        format_version: neo_runtime::manifest::format_version_for(false),
         name,
         compiler: compiler_info(),
         source: SourceInfo {

@@ -1062,6 +1062,8 @@ fn int8_bottle_classifier_passes_its_gate_and_keeps_its_answers() {
     let (code, stdout, stderr) = neoc(&["inspect", path_str(&q_out)]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("precision int8-weights"), "{stdout}");
+    // Packed weights need a runtime that unpacks them: format 2 (f32 artifacts stay 1).
+    assert!(stdout.contains("(artifact format v2)"), "{stdout}");
     assert!(stdout.contains("w rel.err"), "{stdout}");
 
     // The device loads it (int8 weights folded) and gives the f32 model's answers.

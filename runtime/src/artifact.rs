@@ -10,7 +10,7 @@
 //! does not list are refused.
 
 use crate::error::{Result, RuntimeError};
-use crate::manifest::{FileEntry, Manifest, FORMAT_VERSION};
+use crate::manifest::{FileEntry, Manifest, FORMAT_VERSION, MIN_FORMAT_VERSION};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{Cursor, Read};
@@ -139,10 +139,10 @@ impl Artifact {
                 supported: FORMAT_VERSION,
             });
         }
-        if version.format_version < FORMAT_VERSION {
+        if version.format_version < MIN_FORMAT_VERSION {
             return Err(RuntimeError::OlderFormat {
                 found: version.format_version,
-                supported: FORMAT_VERSION,
+                supported: MIN_FORMAT_VERSION,
             });
         }
 

@@ -18,7 +18,7 @@ pub enum RuntimeError {
          update the device runtime, or compile with a matching neoc"
     )]
     NewerFormat { found: u32, supported: u32 },
-    #[error("artifact format version {found} is too old (this runtime reads {supported}); recompile the model with this neoc")]
+    #[error("artifact format version {found} is too old (this runtime reads version {supported} and newer); recompile the model with this neoc")]
     OlderFormat { found: u32, supported: u32 },
     #[error("manifest is invalid: {0}")]
     BadManifest(String),

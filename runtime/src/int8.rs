@@ -34,21 +34,31 @@ fn bad(msg: String) -> RuntimeError {
     RuntimeError::BadManifest(format!("int8 weights: {msg}"))
 }
 
-/// Shape of an f32 NNEF tensor file, or None for anything else.
-fn f32_dat_shape(dat: &[u8]) -> Option<Vec<usize>> {
-    if dat.len() < NNEF_HEADER || dat[0..2] != [0x4e, 0xef] {
+/// Shape and element count an f32 NNEF tensor header announces, or None for anything else
+/// (other types, rank 0 or above 8, a count that overflows).
+fn f32_header_shape(header: &[u8]) -> Option<(Vec<usize>, usize)> {
+    if header.len() < NNEF_HEADER || header[0..2] != [0x4e, 0xef] {
         return None;
     }
-    let u32_at = |o: usize| u32::from_le_bytes([dat[o], dat[o + 1], dat[o + 2], dat[o + 3]]);
-    let u16_at = |o: usize| u16::from_le_bytes([dat[o], dat[o + 1]]);
+    let u32_at =
+        |o: usize| u32::from_le_bytes([header[o], header[o + 1], header[o + 2], header[o + 3]]);
+    let u16_at = |o: usize| u16::from_le_bytes([header[o], header[o + 1]]);
     let rank = u32_at(8) as usize;
     let (bits, item_type, vendor) = (u32_at(44), u16_at(48), u16_at(50));
     if rank == 0 || rank > 8 || bits != 32 || item_type != 0 || vendor != 0 {
         return None;
     }
     let shape: Vec<usize> = (0..rank).map(|i| u32_at(12 + 4 * i) as usize).collect();
-    let n: usize = shape.iter().product();
-    (dat.len() == NNEF_HEADER + 4 * n).then_some(shape)
+    let n = shape
+        .iter()
+        .try_fold(1usize, |acc, d| acc.checked_mul(*d))?;
+    Some((shape, n))
+}
+
+/// Shape of an f32 NNEF tensor file whose size matches its header, or None.
+fn f32_dat_shape(dat: &[u8]) -> Option<Vec<usize>> {
+    let (shape, n) = f32_header_shape(dat)?;
+    (n.checked_mul(4)?.checked_add(NNEF_HEADER)? == dat.len()).then_some(shape)
 }
 
 /// Per-channel int8 form of `values` along `axis`, if every value is exactly int8 × scale.
@@ -77,7 +87,7 @@ fn exact_int8(values: &[f32], shape: &[usize], axis: Option<usize>) -> Option<(V
         .collect();
     let fits = |v: f32, s: f32| {
         let q = (v / s).round();
-        q.abs() <= 127.0 && q * s == v
+        q.abs() <= 127.0 && (q * s + 0.0).to_bits() == v.to_bits()
     };
     let mut settled = vec![false; channels];
     for attempt in 0..5 {
@@ -133,8 +143,7 @@ fn decode(name: &str, packed: &[u8]) -> Result<Vec<u8>> {
     let axis = u32_at(8);
     let channels = u32_at(12) as usize;
     let header = &packed[16..fixed];
-    let shape = f32_dat_shape_header(header).ok_or_else(|| bad(format!("{name}: bad header")))?;
-    let n: usize = shape.iter().product();
+    let (shape, n) = f32_header_shape(header).ok_or_else(|| bad(format!("{name}: bad header")))?;
     let inner = if axis == NO_AXIS {
         n
     } else {
@@ -146,7 +155,13 @@ fn decode(name: &str, packed: &[u8]) -> Result<Vec<u8>> {
         }
         shape[a + 1..].iter().product()
     };
-    if channels == 0 || packed.len() != fixed + 4 * channels + n {
+    // The size must match before anything is allocated (a crafted header could announce
+    // gigabytes).
+    let expected = channels
+        .checked_mul(4)
+        .and_then(|b| b.checked_add(fixed))
+        .and_then(|b| b.checked_add(n));
+    if channels == 0 || expected != Some(packed.len()) {
         return Err(bad(format!("{name}: truncated")));
     }
     let scales: Vec<f32> = packed[fixed..fixed + 4 * channels]
@@ -158,26 +173,9 @@ fn decode(name: &str, packed: &[u8]) -> Result<Vec<u8>> {
     dat.extend_from_slice(header);
     for (i, v) in q.iter().enumerate() {
         let s = scales[(i / inner.max(1)) % channels];
-        dat.extend_from_slice(&((*v as i8) as f32 * s).to_le_bytes());
+        dat.extend_from_slice(&((*v as i8) as f32 * s + 0.0).to_le_bytes());
     }
     Ok(dat)
-}
-
-fn f32_dat_shape_header(header: &[u8]) -> Option<Vec<usize>> {
-    // A header alone: check it as if the data followed.
-    let rank = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
-    if rank == 0 || rank > 8 {
-        return None;
-    }
-    let shape: Vec<usize> = (0..rank)
-        .map(|i| {
-            let o = 12 + 4 * i;
-            u32::from_le_bytes([header[o], header[o + 1], header[o + 2], header[o + 3]]) as usize
-        })
-        .collect();
-    let mut probe = header.to_vec();
-    probe.resize(NNEF_HEADER + 4 * shape.iter().product::<usize>(), 0);
-    f32_dat_shape(&probe)
 }
 
 fn tar_entries(origin: &str, tar_bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
@@ -266,6 +264,13 @@ pub fn unpack(tar_bytes: &[u8]) -> Result<Cow<'_, [u8]>> {
     if !entries.iter().any(|(n, _)| n.ends_with(PACKED_SUFFIX)) {
         return Ok(Cow::Borrowed(tar_bytes));
     }
+    let names: std::collections::HashSet<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
+    if let Some((dup, _)) = entries.iter().find(|(n, _)| {
+        n.strip_suffix(PACKED_SUFFIX)
+            .is_some_and(|base| names.contains(base))
+    }) {
+        return Err(bad(format!("{dup} and its unpacked form are both present")));
+    }
     let rebuilt = entries
         .into_iter()
         .map(|(name, data)| match name.strip_suffix(PACKED_SUFFIX) {
@@ -333,6 +338,29 @@ mod tests {
         );
         // Nothing packed: unpack borrows.
         assert!(matches!(unpack(&tar).unwrap(), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn a_crafted_header_cannot_ask_for_gigabytes() {
+        let mut header = vec![0u8; NNEF_HEADER];
+        header[0] = 0x4e;
+        header[1] = 0xef;
+        header[8..12].copy_from_slice(&1u32.to_le_bytes());
+        header[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        header[44..48].copy_from_slice(&32u32.to_le_bytes());
+        let entry = encode(&header, None, &[1.0], &[1, 2, 3]);
+        let err = decode("w.dat.q8", &entry).unwrap_err().to_string();
+        assert!(err.contains("truncated"), "{err}");
+        // Rank 8 of huge dims: the element count overflows and is refused as a bad header.
+        header[8..12].copy_from_slice(&8u32.to_le_bytes());
+        for i in 0..8 {
+            header[12 + 4 * i..16 + 4 * i].copy_from_slice(&u32::MAX.to_le_bytes());
+        }
+        let entry = encode(&header, None, &[1.0], &[1]);
+        assert!(decode("w.dat.q8", &entry)
+            .unwrap_err()
+            .to_string()
+            .contains("bad header"));
     }
 
     #[test]

@@ -4,7 +4,19 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Artifact format version this runtime writes and reads. Bump on any incompatible change.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest format this runtime still reads.
+pub const MIN_FORMAT_VERSION: u32 = 1;
+/// The format an artifact needs: 2 when its graph holds int8-packed weights
+/// (`model.nnef.tar` entries `NAME.dat.q8`, see [`crate::int8`]), which a v1 runtime would
+/// not find; 1 otherwise, so plain artifacts stay readable by older devices.
+pub fn format_version_for(int8_packed: bool) -> u32 {
+    if int8_packed {
+        2
+    } else {
+        1
+    }
+}
 
 /// Everything the device needs to know about a compiled model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -441,7 +441,11 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
             max_auroc_drop: q.max_auroc_drop,
             threshold_f32: t32,
             threshold_int8: t8,
-            threshold_shift: (t8 / t32 - 1.0) as f64,
+            threshold_shift: if t32 > 0.0 && t8.is_finite() {
+                (t8 / t32 - 1.0) as f64
+            } else {
+                0.0
+            },
             max_score_change: max_change,
             passed,
         };
@@ -506,6 +510,9 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
     }
     let artifact = Artifact::new(manifest, files)?;
     artifact.write(&opts.compile.output)?;
+    if let Some(file) = detector.qdq_file.take() {
+        file.keep();
+    }
     Ok(TrainReport {
         manifest: artifact.manifest,
         notes,

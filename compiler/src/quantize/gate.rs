@@ -77,6 +77,7 @@ impl Reference {
             .enumerate()
             .map(|(o, spec)| {
                 let (mut agree, mut max_abs, mut sum_abs, mut count) = (0usize, 0f32, 0f64, 0usize);
+                let mut saw_nan = false;
                 let (mut cos_sum, mut cos_min) = (0f64, f64::INFINITY);
                 for (want, have) in self.outputs.iter().zip(got) {
                     let (w, h) = (&want[o], &have[o]);
@@ -86,7 +87,11 @@ impl Reference {
                     let (mut dot, mut nw, mut nh) = (0f64, 0f64, 0f64);
                     for (a, b) in w.iter().zip(h) {
                         let d = (a - b).abs();
-                        max_abs = if d.is_nan() { f32::NAN } else { max_abs.max(d) };
+                        if d.is_nan() {
+                            saw_nan = true;
+                            continue;
+                        }
+                        max_abs = max_abs.max(d);
                         sum_abs += d as f64;
                         dot += *a as f64 * *b as f64;
                         nw += *a as f64 * *a as f64;
@@ -100,14 +105,21 @@ impl Reference {
                     } else {
                         0.0
                     };
-                    cos_sum += cos;
-                    cos_min = cos_min.min(cos);
+                    if cos.is_nan() {
+                        saw_nan = true;
+                    } else {
+                        cos_sum += cos;
+                        cos_min = cos_min.min(cos);
+                    }
                 }
                 let n = self.outputs.len().max(1);
                 let classification = spec.task == Task::Classification;
                 let top1 = classification.then(|| agree as f64 / n as f64);
                 let cosine_mean = cos_sum / n as f64;
-                let passed = !max_abs.is_nan()
+                // NaN anywhere fails (and is reported as the worst finite values, so the
+                // report stays valid JSON).
+                let cosine_mean = if saw_nan { -1.0 } else { cosine_mean };
+                let passed = !saw_nan
                     && match top1 {
                         Some(t) => 1.0 - t <= budget.max_top1_drop + 1e-12,
                         None => cosine_mean >= budget.min_cosine,
@@ -115,10 +127,16 @@ impl Reference {
                 OutputAgreement {
                     output: spec.name.clone(),
                     top1_agreement: top1,
-                    max_abs_diff: max_abs,
+                    max_abs_diff: if saw_nan { f32::MAX } else { max_abs },
                     mean_abs_diff: (sum_abs / count.max(1) as f64) as f32,
                     cosine_mean,
-                    cosine_min: if cos_min.is_finite() { cos_min } else { 1.0 },
+                    cosine_min: if saw_nan {
+                        -1.0
+                    } else if cos_min.is_finite() {
+                        cos_min
+                    } else {
+                        1.0
+                    },
                     passed,
                 }
             })

@@ -277,7 +277,9 @@ pub struct Quantized {
     /// The calibration images (for the QDQ export).
     pub set: calib::CalibrationSet,
     /// Bias corrections applied, by layer (for the QDQ export).
-    pub bias_shifts: Vec<(String, Vec<f32>)>,
+    /// (layer, shift, the layer's f32 weight: the export applies a shift only to the same
+    /// weight, not to one tract folded a following scale into).
+    pub bias_shifts: Vec<(String, Vec<f32>, Tensor)>,
 }
 
 /// Optimizes and plans a graph as the device does.
@@ -500,7 +502,15 @@ pub fn quantize(
             .zip(&shifts)
             .enumerate()
             .filter(|(i, _)| opts.bias_correction && !f32_layers.contains(i))
-            .filter_map(|(_, (l, s))| Some((l.name.clone(), s.clone()?)))
+            .filter_map(|(_, (l, s))| {
+                let weight = typed
+                    .node(l.weight_node)
+                    .op_as::<tract_onnx::tract_core::ops::konst::Const>()?
+                    .val()
+                    .clone()
+                    .into_tensor();
+                Some((l.name.clone(), s.clone()?, weight))
+            })
             .collect(),
     })
 }

@@ -21,6 +21,30 @@ use tract_onnx::pb::{
 };
 use tract_onnx::prelude::*;
 
+/// A file written for the user that goes away again if the compile fails later (nothing
+/// half-done is left behind): removed on drop unless [`Written::keep`] is called.
+#[derive(Debug)]
+pub struct Written(Option<PathBuf>);
+
+impl Written {
+    pub fn new(path: &std::path::Path) -> Self {
+        Written(Some(path.to_path_buf()))
+    }
+
+    /// The compile succeeded: the file stays.
+    pub fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// What the export wrote.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct QdqSummary {
@@ -212,7 +236,7 @@ pub fn export(
     images: &[(PathBuf, Tensor)],
     method: Method,
     f32_layers: &[String],
-    bias_shifts: &[(String, Vec<f32>)],
+    bias_shifts: &[(String, Vec<f32>, Tensor)],
     path: &std::path::Path,
 ) -> Result<QdqSummary> {
     let mut proto = proto.clone();
@@ -225,6 +249,12 @@ pub fn export(
         .clone()
         .into_typed()
         .map_err(tract("type the graph for the export"))?;
+    if from < 7 {
+        return Err(err(format!(
+            "the model is opset {from}: its Add/Mul/Gemm broadcasting rules predate opset 7; \
+             re-export the model with opset 13"
+        )));
+    }
     if from < 13 {
         lift_to_13(&mut graph, &typed_plain, from)?;
     }
@@ -365,12 +395,71 @@ pub fn export(
     }
     let mut before: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     let mut replaced_weights = HashSet::new();
+    // Same values, in whatever layout tract keeps them (a 1x1 convolution becomes a
+    // transposed matrix product): same count, same sums. A BatchNorm scale tract folded into
+    // its copy would change them.
+    let sums = |t: &Tensor| {
+        t.to_plain_array_view::<f32>().ok().map(|v| {
+            v.iter().fold((0f64, 0f64), |(a, q), x| {
+                (a + x.abs() as f64, q + (*x as f64) * (*x as f64))
+            })
+        })
+    };
+    let same = |a: &Tensor, b: &Tensor| match (sums(a), sums(b)) {
+        (Some((a1, a2)), Some((b1, b2))) => {
+            a.len() == b.len()
+                && (a1 - b1).abs() <= 1e-9 * a1.max(b1)
+                && (a2 - b2).abs() <= 1e-9 * a2.max(b2)
+        }
+        _ => false,
+    };
     for (ix, w, axis) in &layers {
         let t = graph.initializer[*w].clone();
         let shape: Vec<usize> = t.dims.iter().map(|d| *d as usize).collect();
         let value = Tensor::from_shape(&shape, &float_values(&t)?)
             .map_err(tract("read a weight for the export"))?;
-        let q = super::weights::quantize_weight(&value, Some(*axis))?;
+        let channels = shape[*axis];
+        // The layer's input scale and its 1-D bias, bias-corrected when exactly one compiled
+        // layer came from this node and it was measured on this very weight.
+        let x_scale = graph.node[*ix].input[0]
+            .strip_suffix("_dequantized")
+            .and_then(|orig| act_scale.get(orig))
+            .copied();
+        let bias_ix = graph.node[*ix]
+            .input
+            .get(2)
+            .and_then(|b| init.get(b))
+            .copied();
+        let mut bias: Option<(TensorProto, Vec<f32>)> = None;
+        if let Some(b) = bias_ix {
+            let bt = graph.initializer[b].clone();
+            let mut bv = float_values(&bt)?;
+            let onnx_name = node_key(&graph.node[*ix]).to_string();
+            let mut from_node = bias_shifts.iter().filter(|(l, _, _)| {
+                *l == onnx_name
+                    || l.strip_prefix(onnx_name.as_str())
+                        .is_some_and(|r| r.starts_with('.'))
+            });
+            if let (Some((_, shift, weight)), None) = (from_node.next(), from_node.next()) {
+                if shift.len() == bv.len() && same(weight, &value) {
+                    bv.iter_mut().zip(shift).for_each(|(b, s)| *b -= s);
+                }
+            }
+            if bt.dims.len() == 1 && bv.len() == channels {
+                bias = Some((bt, bv));
+            }
+        }
+        // An int32 bias is stored at input scale × weight scale: a channel whose weights are
+        // all but zero (common after BatchNorm folding) gets a weight scale large enough for
+        // its bias to fit, as QDQ runtimes expect; its weights then round to zero.
+        let floors: Vec<f32> = match (&bias, x_scale) {
+            (Some((_, bv)), Some(xs)) if xs > 0.0 => bv
+                .iter()
+                .map(|b| b.abs() / (xs * (1u32 << 30) as f32))
+                .collect(),
+            _ => vec![0.0; channels],
+        };
+        let q = super::weights::quantize_weight_with_floors(&value, Some(*axis), &floors)?;
         let w_scales: Vec<f32> = q
             .scales
             .to_plain_array_view::<f32>()
@@ -385,7 +474,6 @@ pub fn export(
             .iter()
             .map(|v| *v as u8)
             .collect();
-        let channels = shape[*axis] as i64;
         let base = &t.name;
         let (wq, ws, wz, wdq) = (
             format!("{base}_quantized"),
@@ -399,14 +487,14 @@ pub fn export(
             new_inits.push(tensor(
                 ws.clone(),
                 DataType::Float,
-                vec![channels],
+                vec![channels as i64],
                 scale_bytes,
             ));
             new_inits.push(tensor(
                 wz.clone(),
                 DataType::Int8,
-                vec![channels],
-                vec![0; channels as usize],
+                vec![channels as i64],
+                vec![0; channels],
             ));
             let mut dq = node(
                 "DequantizeLinear",
@@ -418,72 +506,65 @@ pub fn export(
             before.entry(*ix).or_default().push(dq);
         }
         graph.node[*ix].input[1] = wdq;
-        // A 1-D bias in int32 at input scale × weight scale, as QDQ runtimes fuse it.
-        let x = graph.node[*ix].input[0].clone();
-        let x_scale = x
-            .strip_suffix("_dequantized")
-            .and_then(|orig| act_scale.get(orig))
-            .copied();
-        let bias = graph.node[*ix]
-            .input
-            .get(2)
-            .and_then(|b| init.get(b))
-            .copied();
-        if let (Some(x_scale), Some(b)) = (x_scale, bias) {
-            let bt = graph.initializer[b].clone();
-            let mut bv = float_values(&bt)?;
-            // Bias correction, when exactly one compiled layer came from this node.
-            let onnx_name = node_key(&graph.node[*ix]).to_string();
-            let mut from_node = bias_shifts.iter().filter(|(l, _)| {
-                *l == onnx_name
-                    || l.strip_prefix(onnx_name.as_str())
-                        .is_some_and(|r| r.starts_with('.'))
-            });
-            if let (Some((_, shift)), None) = (from_node.next(), from_node.next()) {
-                if shift.len() == bv.len() {
-                    bv.iter_mut().zip(shift).for_each(|(b, s)| *b -= s);
-                }
-            }
-            if bt.dims.len() == 1 && bv.len() == w_scales.len() {
-                let scales: Vec<f32> = w_scales.iter().map(|s| s * x_scale).collect();
-                let q: Vec<u8> = bv
-                    .iter()
-                    .zip(&scales)
-                    .map(|(v, s)| (v / s).round().clamp(i32::MIN as f32, i32::MAX as f32) as i32)
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect();
-                let bname = format!("{}_for_{}", bt.name, graph.node[*ix].name);
-                let (bq, bs, bz, bdq) = (
-                    format!("{bname}_quantized"),
-                    format!("{bname}_scale"),
-                    format!("{bname}_zero_point"),
-                    format!("{bname}_dequantized"),
-                );
-                new_inits.push(tensor(bq.clone(), DataType::Int32, bt.dims.clone(), q));
-                new_inits.push(tensor(
-                    bs.clone(),
-                    DataType::Float,
-                    bt.dims.clone(),
-                    scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
-                ));
-                new_inits.push(tensor(
-                    bz.clone(),
-                    DataType::Int32,
-                    bt.dims.clone(),
-                    vec![0; 4 * bv.len()],
-                ));
-                let mut dq = node(
-                    "DequantizeLinear",
-                    format!("{bname}_DequantizeLinear"),
-                    vec![bq, bs, bz],
-                    vec![bdq.clone()],
-                );
-                dq.attribute.push(int_attr("axis", 0));
-                before.entry(*ix).or_default().push(dq);
-                replaced_weights.insert(bt.name.clone());
-                graph.node[*ix].input[2] = bdq;
-            }
+        let Some((bt, bv)) = bias else {
+            continue;
+        };
+        let bname = format!("{}_for_{}", bt.name, node_key(&graph.node[*ix]));
+        let scales: Vec<f32> = w_scales
+            .iter()
+            .map(|s| s * x_scale.unwrap_or(0.0))
+            .collect();
+        let fits = scales
+            .iter()
+            .zip(&bv)
+            .all(|(s, b)| s.is_normal() && (b / s).abs() < i32::MAX as f32);
+        replaced_weights.insert(bt.name.clone());
+        if !fits {
+            // No usable int32 form: the (corrected) bias stays f32.
+            let name = format!("{bname}_corrected");
+            new_inits.push(tensor(
+                name.clone(),
+                DataType::Float,
+                bt.dims.clone(),
+                bv.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ));
+            graph.node[*ix].input[2] = name;
+            continue;
         }
+        let q: Vec<u8> = bv
+            .iter()
+            .zip(&scales)
+            .map(|(v, s)| (v / s).round() as i32)
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let (bq, bs, bz, bdq) = (
+            format!("{bname}_quantized"),
+            format!("{bname}_scale"),
+            format!("{bname}_zero_point"),
+            format!("{bname}_dequantized"),
+        );
+        new_inits.push(tensor(bq.clone(), DataType::Int32, bt.dims.clone(), q));
+        new_inits.push(tensor(
+            bs.clone(),
+            DataType::Float,
+            bt.dims.clone(),
+            scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+        ));
+        new_inits.push(tensor(
+            bz.clone(),
+            DataType::Int32,
+            bt.dims.clone(),
+            vec![0; 4 * bv.len()],
+        ));
+        let mut dq = node(
+            "DequantizeLinear",
+            format!("{bname}_DequantizeLinear"),
+            vec![bq, bs, bz],
+            vec![bdq.clone()],
+        );
+        dq.attribute.push(int_attr("axis", 0));
+        before.entry(*ix).or_default().push(dq);
+        graph.node[*ix].input[2] = bdq;
     }
     // Weights no node reads any more go; the new nodes go right before their first reader.
     let still_read: HashSet<&String> = graph.node.iter().flat_map(|n| n.input.iter()).collect();
@@ -525,12 +606,13 @@ pub fn export(
     proto.producer_version = env!("CARGO_PKG_VERSION").into();
     let bytes = prost::Message::encode_to_vec(&proto);
     let tmp = path.with_extension("onnx.partial");
-    std::fs::write(&tmp, &bytes)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|source| CompileError::Io {
+    if let Err(source) = std::fs::write(&tmp, &bytes).and_then(|_| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(CompileError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
+        });
+    }
     Ok(QdqSummary {
         path: path.display().to_string(),
         quantized_layers: layers.len(),

@@ -243,6 +243,16 @@ pub struct QuantizedWeight {
 
 /// Symmetric narrow-range (−127..127) quantization per output channel.
 pub fn quantize_weight(weight: &Tensor, channel_axis: Option<usize>) -> Result<QuantizedWeight> {
+    quantize_weight_with_floors(weight, channel_axis, &[])
+}
+
+/// Like [`quantize_weight`], with a smallest allowed scale per channel (`floors`, empty for
+/// none).
+pub fn quantize_weight_with_floors(
+    weight: &Tensor,
+    channel_axis: Option<usize>,
+    floors: &[f32],
+) -> Result<QuantizedWeight> {
     let shape = weight.shape().to_vec();
     let data: Vec<f32> = weight
         .to_plain_array_view::<f32>()
@@ -267,7 +277,11 @@ pub fn quantize_weight(weight: &Tensor, channel_axis: Option<usize>) -> Result<Q
     }
     let scales: Vec<f32> = absmax
         .iter()
-        .map(|m| if *m > 0.0 { m / 127.0 } else { 1.0 })
+        .enumerate()
+        .map(|(c, m)| {
+            let s = if *m > 0.0 { m / 127.0 } else { 1.0 };
+            s.max(floors.get(c).copied().unwrap_or(0.0))
+        })
         .collect();
     let mut q = Vec::with_capacity(data.len());
     let mut dequantized = Vec::with_capacity(data.len());
@@ -276,7 +290,7 @@ pub fn quantize_weight(weight: &Tensor, channel_axis: Option<usize>) -> Result<Q
         let s = scales[channel_of(i)];
         let qv = (v / s).round().clamp(-127.0, 127.0);
         q.push(qv as i8);
-        dequantized.push(qv * s);
+        dequantized.push(qv * s + 0.0); // + 0.0: no negative zeros (the packer stores bits)
         let d = (qv * s - v) as f64;
         err2 += d * d;
         norm2 += (*v as f64) * (*v as f64);
