@@ -709,3 +709,84 @@ mod sensor {
         );
     }
 }
+
+/// Issue 3's targets on the real models: `--quantize int8` calibrated on mvtec_bottle passes
+/// its own gate, the artifact is at most 30 % of the f32 one, the outputs on images the
+/// calibration never saw keep a cosine of at least 0.99 to f32, and the sanity classes hold.
+#[test]
+#[ignore = "needs ../shared/data (run by .ci/run)"]
+fn int8_squeezenet_and_efficientnet_meet_the_size_and_cosine_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, model, card, mixed) in [
+        (
+            "squeezenet",
+            "models/squeezenet1.1/squeezenet1.1_fp32_derived.onnx",
+            "squeezenet1.1.toml",
+            false,
+        ),
+        (
+            "effnet",
+            "models/efficientnet_lite0/efficientnet_lite0_derived.onnx",
+            "efficientnet_lite0.toml",
+            true,
+        ),
+    ] {
+        let f32_out = dir.path().join(format!("{name}.neo"));
+        let f32_model = compile(model, card, &f32_out);
+        let out = dir.path().join(format!("{name}-int8.neo"));
+        let mut q =
+            neoc::quantize::QuantizeOptions::new(data().join("images/mvtec_bottle/train/good"));
+        q.max_images = 100;
+        q.mixed_precision = mixed;
+        let opts = CompileOptions {
+            model: data().join(model),
+            target: "x86_64".into(),
+            output: out.clone(),
+            card: Some(repo().join("models/cards").join(card)),
+            labels: Some(data().join("models/squeezenet1.1/squeeze-labels.txt")),
+            quantize: Some(q),
+            ..Default::default()
+        };
+        let report = neoc::compile(&opts, &Boards::shipped()).expect("int8 compiles");
+        let quant = report.quantization.expect("a quantization report");
+        assert!(
+            quant.accuracy.iter().all(|a| a.passed),
+            "{}",
+            quant.summary()
+        );
+        let ratio = std::fs::metadata(&out).unwrap().len() as f64
+            / std::fs::metadata(&f32_out).unwrap().len() as f64;
+        assert!(
+            ratio <= 0.30,
+            "{name}: int8 artifact is {:.1} % of f32",
+            ratio * 100.0
+        );
+
+        let int8_model = Model::load(&out).unwrap();
+        assert_eq!(top1(&int8_model, "bald_eagle.jpeg").0, 22, "{name}");
+        assert_eq!(top1(&int8_model, "pelican.jpeg").0, 144, "{name}");
+        let mut worst = 1f64;
+        for kind in ["good", "broken_large", "contamination"] {
+            let folder = data().join("images/mvtec_bottle/test").join(kind);
+            for path in preprocess::list_images(&folder).unwrap() {
+                let img = preprocess::load(&path).unwrap();
+                let run = |m: &Model| {
+                    let out = m.run(vec![m.image_tensor(&img).unwrap()]).unwrap();
+                    neo_runtime::tensor_to_f32(&out[0]).unwrap()
+                };
+                let (a, b) = (run(&f32_model), run(&int8_model));
+                let dot: f64 = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (*x as f64) * (*y as f64))
+                    .sum();
+                let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+                worst = worst.min(dot / (norm(&a) * norm(&b)));
+            }
+        }
+        assert!(
+            worst >= 0.99,
+            "{name}: worst cosine to f32 on unseen images {worst}"
+        );
+    }
+}
