@@ -54,7 +54,7 @@ def dump(neo_run, art, folders, out):
     for f in folders:
         d = os.path.join(out, os.path.basename(f))
         subprocess.run([neo_run, "dump", art, f, "-o", d], check=True)
-        for stem in sorted(os.listdir(d)):
+        for stem in sorted(os.listdir(d)):  # one folder per image file
             res[f"{os.path.basename(f)}/{stem}"] = (
                 np.load(os.path.join(d, stem, "input.npy")),
                 np.load(os.path.join(d, stem, "output_0.npy")).ravel())

@@ -50,7 +50,7 @@ enum Command {
     Verify { model: PathBuf },
     /// Save the preprocessed input and the raw outputs for one image as .npy files, to compare
     /// with another runtime on exactly the same input. Given a folder of images, one
-    /// subfolder per image (named after it).
+    /// subfolder per image, named after its file.
     Dump {
         model: PathBuf,
         image: PathBuf,
@@ -453,8 +453,9 @@ fn run(cli: Cli) -> Result<bool> {
                     .with_context(|| format!("cannot list {}", image.display()))?;
                 anyhow::ensure!(!images.is_empty(), "{} holds no images", image.display());
                 for path in images {
-                    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
-                    dump_one(&model, &path, &out.join(stem.as_ref()))?;
+                    // The file name (not the stem): a.jpg and a.png get folders of their own.
+                    let name = path.file_name().unwrap_or_default().to_string_lossy();
+                    dump_one(&model, &path, &out.join(name.as_ref()))?;
                 }
             } else {
                 dump_one(&model, &image, &out)?;
