@@ -224,7 +224,7 @@ pub fn compile_imported(
         nnef.write_to_tar_with_config(model, Vec::new(), false, true)
             .map_err(tract("write the graph as NNEF"))
     };
-    let mut nnef_bytes = write_nnef(&typed)?;
+    let nnef_bytes;
     let mut files = BTreeMap::new();
     let mut quantization = None;
     let mut qdq_file = None;
@@ -235,10 +235,11 @@ pub fn compile_imported(
         let mut quantized = quantize::quantize(&typed, &reference, &input, &outputs, &board, q)?;
         let (bytes, packed) = neo_runtime::int8::pack(&write_nnef(&quantized.model)?, 64)?;
         quantized.report.packed_tensors = packed.len();
-        quantized.report.graph_bytes_f32 = nnef_bytes.len() as u64;
+        // The same graph with every tensor as f32: what the device unpacks it to.
+        quantized.report.graph_bytes_f32 = neo_runtime::int8::unpack(&bytes)?.len() as u64;
         quantized.report.graph_bytes = bytes.len() as u64;
         nnef_bytes = bytes;
-        expected_plan = quantize::device_plan(&quantized.model)?;
+        expected_plan = quantized.plan.clone();
         precision = quantized.report.scheme.clone();
         if let (Some(path), Some(onnx_model)) = (&q.emit_qdq, &onnx_model) {
             let f32_layers = quantized.report.info().f32_layers;
@@ -273,6 +274,8 @@ pub fn compile_imported(
             .map_err(|e| CompileError::Quantize(format!("writing the report: {e}")))?;
         files.insert(quantize::REPORT_FILE.to_string(), json);
         quantization = Some(quantized.report);
+    } else {
+        nnef_bytes = write_nnef(&typed)?;
     }
     files.insert(MODEL_FILE.to_string(), nnef_bytes);
 

@@ -70,7 +70,7 @@ pub fn from_proto(
 }
 
 /// tract's ONNX importer as neoc configures it.
-fn onnx_framework() -> tract_onnx::Onnx {
+pub(crate) fn onnx_framework() -> tract_onnx::Onnx {
     // Shapes are inferred by tract from the input facts neoc sets; the shapes an exporter wrote
     // for intermediate tensors and outputs would pin symbols (a batch `N`) that neoc fixes.
     tract_onnx::onnx()

@@ -175,6 +175,10 @@ struct QuantArgs {
     /// When the budget is missed, keep the most sensitive layers in f32 until it holds.
     #[arg(long, requires = "quantize")]
     mixed_precision: bool,
+    /// Skip bias correction (the mean output shift of int8 weights taken back through each
+    /// layer's bias); for comparing, it costs accuracy.
+    #[arg(long, requires = "quantize")]
+    no_bias_correction: bool,
     /// Also write the calibrated model as standard QDQ ONNX (for onnxruntime, TensorRT).
     #[arg(long, requires = "quantize", value_name = "FILE.onnx")]
     emit_qdq: Option<PathBuf>,
@@ -216,6 +220,7 @@ impl QuantArgs {
         };
         q.mixed_precision = self.mixed_precision;
         q.emit_qdq = self.emit_qdq;
+        q.bias_correction = !self.no_bias_correction;
         Ok(Some(q))
     }
 }

@@ -325,6 +325,20 @@ fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
+/// `dir/few/` with `n` copies of one good sample (too few for training or calibration).
+fn copies_of_a_good_sample(dir: &Path, n: usize) -> PathBuf {
+    let few = dir.join("few");
+    std::fs::create_dir_all(&few).unwrap();
+    for i in 0..n {
+        std::fs::copy(
+            repo().join("models/samples/bottle_good_000.png"),
+            few.join(format!("{i}.png")),
+        )
+        .unwrap();
+    }
+    few
+}
+
 fn good_folder(dir: &Path) -> PathBuf {
     augmented_folder(dir, "good", &["bottle_good_000.png", "bottle_good_003.png"])
 }
@@ -462,15 +476,7 @@ fn anomaly_training_refuses_bad_input_clearly() {
         &refs(&train(&empty, "stage3", &[])),
         &["found 0 good image(s)", "at least 10"],
     );
-    let few = dir.path().join("few");
-    std::fs::create_dir(&few).unwrap();
-    for i in 0..4 {
-        std::fs::copy(
-            repo().join("models/samples/bottle_good_000.png"),
-            few.join(format!("{i}.png")),
-        )
-        .unwrap();
-    }
+    let few = copies_of_a_good_sample(dir.path(), 4);
     assert_clear_error(
         &refs(&train(&few, "stage3", &[])),
         &["found 4 good image(s)"],
@@ -1123,15 +1129,7 @@ fn quantization_refuses_bad_calibration_input() {
         &["--calibration", path_str(&empty)],
         &["holds no images", "1 other files"],
     );
-    let few = dir.path().join("few");
-    std::fs::create_dir_all(&few).unwrap();
-    for i in 0..3 {
-        std::fs::copy(
-            repo().join("models/samples/bottle_good_000.png"),
-            few.join(format!("{i}.png")),
-        )
-        .unwrap();
-    }
+    let few = copies_of_a_good_sample(dir.path(), 3);
     compile(
         &["--calibration", path_str(&few)],
         &["holds 3 images", "at least 15"],

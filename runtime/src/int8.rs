@@ -6,7 +6,7 @@
 //! writer packs each such tensor itself: `NAME.dat` becomes `NAME.dat.q8` holding the original
 //! 128-byte NNEF header, the channel axis, one f32 scale per channel and the int8 values —
 //! about a quarter of the bytes. Packing is lossless: a tensor is packed only when every value
-//! is reproduced bit for bit, and [`unpack`] rebuilds the exact `.dat` before tract reads the
+//! is reproduced exactly (a zero as +0), and [`unpack`] rebuilds the `.dat` before tract reads the
 //! graph, so the device computes in f32 with exactly the weights the compiler checked.
 
 use crate::error::{Result, RuntimeError};
@@ -87,7 +87,8 @@ fn exact_int8(values: &[f32], shape: &[usize], axis: Option<usize>) -> Option<(V
         .collect();
     let fits = |v: f32, s: f32| {
         let q = (v / s).round();
-        q.abs() <= 127.0 && (q * s + 0.0).to_bits() == v.to_bits()
+        // Value for value; a zero comes back as +0 whatever its sign, which no sum sees.
+        q.abs() <= 127.0 && q * s == v
     };
     let mut settled = vec![false; channels];
     for attempt in 0..5 {
@@ -173,7 +174,7 @@ fn decode(name: &str, packed: &[u8]) -> Result<Vec<u8>> {
     dat.extend_from_slice(header);
     for (i, v) in q.iter().enumerate() {
         let s = scales[(i / inner.max(1)) % channels];
-        dat.extend_from_slice(&((*v as i8) as f32 * s + 0.0).to_le_bytes());
+        dat.extend_from_slice(&((*v as i8) as f32 * s + 0.0).to_le_bytes()); // +0, never -0
     }
     Ok(dat)
 }
@@ -260,18 +261,30 @@ pub fn pack(nnef_tar: &[u8], min_elements: usize) -> Result<(Vec<u8>, Vec<Packed
 /// The NNEF tar with every packed tensor rebuilt as its f32 `.dat` (borrowed unchanged when
 /// nothing is packed).
 pub fn unpack(tar_bytes: &[u8]) -> Result<Cow<'_, [u8]>> {
-    let entries = tar_entries("the NNEF graph", tar_bytes)?;
-    if !entries.iter().any(|(n, _)| n.ends_with(PACKED_SUFFIX)) {
+    // Names first (headers only, no data copied): every load of an f32 artifact passes here.
+    let mut names = Vec::new();
+    let mut archive = tar::Archive::new(tar_bytes);
+    for entry in archive
+        .entries()
+        .map_err(|e| bad(format!("the NNEF graph: {e}")))?
+    {
+        let entry = entry.map_err(|e| bad(format!("the NNEF graph: {e}")))?;
+        let path = entry
+            .path()
+            .map_err(|e| bad(format!("the NNEF graph: {e}")))?;
+        names.push(path.to_string_lossy().into_owned());
+    }
+    if !names.iter().any(|n| n.ends_with(PACKED_SUFFIX)) {
         return Ok(Cow::Borrowed(tar_bytes));
     }
-    let names: std::collections::HashSet<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
-    if let Some((dup, _)) = entries.iter().find(|(n, _)| {
+    let plain: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+    if let Some(dup) = names.iter().find(|n| {
         n.strip_suffix(PACKED_SUFFIX)
-            .is_some_and(|base| names.contains(base))
+            .is_some_and(|base| plain.contains(base))
     }) {
         return Err(bad(format!("{dup} and its unpacked form are both present")));
     }
-    let rebuilt = entries
+    let rebuilt = tar_entries("the NNEF graph", tar_bytes)?
         .into_iter()
         .map(|(name, data)| match name.strip_suffix(PACKED_SUFFIX) {
             Some(base) => Ok((base.to_string(), decode(&name, &data)?)),
@@ -334,7 +347,7 @@ mod tests {
         assert_eq!(
             tar_entries("t", &restored).unwrap(),
             tar_entries("t", &tar).unwrap(),
-            "bit-exact round trip"
+            "exact round trip"
         );
         // Nothing packed: unpack borrows.
         assert!(matches!(unpack(&tar).unwrap(), Cow::Borrowed(_)));

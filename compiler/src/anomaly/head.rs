@@ -259,7 +259,7 @@ pub fn int8_rows(bank: &[f32], dim: usize) -> Vec<f32> {
             let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
             let s = if m > 0.0 { m / 127.0 } else { 1.0 };
             row.iter()
-                .map(move |v| (v / s).round().clamp(-127.0, 127.0) * s + 0.0)
+                .map(move |v| (v / s).round().clamp(-127.0, 127.0) * s)
         })
         .collect()
 }
@@ -282,7 +282,7 @@ pub fn add_knn(
         let row = &bank[r * dim..(r + 1) * dim];
         norms[r] = row.iter().map(|v| v * v).sum();
         for (d, v) in row.iter().enumerate() {
-            bank_t[d * rows + r] = -2.0 * v + 0.0; // no -0.0: int8 rows pack bit-exactly
+            bank_t[d * rows + r] = -2.0 * v;
         }
     }
     g.initializer

@@ -201,14 +201,7 @@ pub fn activation_stats(
         .map_err(tract("optimize the calibration graph"))?
         .into_runnable()
         .map_err(tract("plan the calibration graph"))?;
-    let run = |t: &Tensor| -> Result<Vec<(Vec<usize>, Vec<f32>)>> {
-        let out = plan
-            .run(tvec!(t.clone().into_tvalue()))
-            .map_err(tract("run a calibration image"))?;
-        out.iter()
-            .map(|v| Ok((v.shape().to_vec(), neo_runtime::tensor_to_f32(v)?)))
-            .collect()
-    };
+    let run = |t: &Tensor| super::gate::run_f32(&plan, t);
     let n = tensors.len();
     let (mut min, mut max) = (vec![f32::INFINITY; n], vec![f32::NEG_INFINITY; n]);
     let mut sums: Vec<Option<(Vec<f64>, u64)>> = vec![None; n];

@@ -43,19 +43,41 @@ pub struct Reference {
     outputs: Vec<Vec<Vec<f32>>>,
 }
 
+/// Runs a model on one input; each output's shape and values as f32.
+pub fn run_f32(plan: &Arc<TypedSimplePlan>, input: &Tensor) -> Result<Vec<(Vec<usize>, Vec<f32>)>> {
+    let out = plan
+        .run(tvec!(input.clone().into_tvalue()))
+        .map_err(tract("run an image"))?;
+    out.iter()
+        .map(|v| Ok((v.shape().to_vec(), neo_runtime::tensor_to_f32(v)?)))
+        .collect()
+}
+
 /// Runs a model over images; outputs as f32 vectors, per image and output.
 pub fn run_all(plan: &Arc<TypedSimplePlan>, images: &[Tensor]) -> Result<Vec<Vec<Vec<f32>>>> {
     images
         .iter()
-        .map(|t| {
-            let out = plan
-                .run(tvec!(t.clone().into_tvalue()))
-                .map_err(tract("run a held-out image"))?;
-            out.iter()
-                .map(|v| Ok(neo_runtime::tensor_to_f32(v)?))
-                .collect()
-        })
+        .map(|t| Ok(run_f32(plan, t)?.into_iter().map(|(_, v)| v).collect()))
         .collect()
+}
+
+/// Cosine similarity; 1 when both are all zero, 0 when only one is, NaN with NaN inside.
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        dot += *x as f64 * *y as f64;
+        na += *x as f64 * *x as f64;
+        nb += *y as f64 * *y as f64;
+    }
+    if na > 0.0 && nb > 0.0 {
+        dot / (na.sqrt() * nb.sqrt())
+    } else if na == nb {
+        1.0
+    } else if na.is_nan() || nb.is_nan() {
+        f64::NAN
+    } else {
+        0.0
+    }
 }
 
 impl Reference {
@@ -84,7 +106,6 @@ impl Reference {
                     if argmax(w) == argmax(h) {
                         agree += 1;
                     }
-                    let (mut dot, mut nw, mut nh) = (0f64, 0f64, 0f64);
                     for (a, b) in w.iter().zip(h) {
                         let d = (a - b).abs();
                         if d.is_nan() {
@@ -93,18 +114,9 @@ impl Reference {
                         }
                         max_abs = max_abs.max(d);
                         sum_abs += d as f64;
-                        dot += *a as f64 * *b as f64;
-                        nw += *a as f64 * *a as f64;
-                        nh += *b as f64 * *b as f64;
                     }
                     count += w.len();
-                    let cos = if nw > 0.0 && nh > 0.0 {
-                        dot / (nw.sqrt() * nh.sqrt())
-                    } else if nw == nh {
-                        1.0
-                    } else {
-                        0.0
-                    };
+                    let cos = cosine(w, h);
                     if cos.is_nan() {
                         saw_nan = true;
                     } else {
@@ -150,19 +162,9 @@ impl Reference {
         let mut n = 0;
         for (want, have) in self.outputs.iter().zip(got) {
             for (w, h) in want.iter().zip(have) {
-                let (mut dot, mut nw, mut nh) = (0f64, 0f64, 0f64);
-                for (a, b) in w.iter().zip(h) {
-                    dot += *a as f64 * *b as f64;
-                    nw += *a as f64 * *a as f64;
-                    nh += *b as f64 * *b as f64;
-                }
-                total += if nw > 0.0 && nh > 0.0 {
-                    1.0 - dot / (nw.sqrt() * nh.sqrt())
-                } else if nw == nh {
-                    0.0 // both all zero: the same
-                } else {
-                    1.0 // one collapsed to zero
-                };
+                // One output collapsed to zero (cosine 0) or NaN: as far as it gets.
+                let c = cosine(w, h);
+                total += if c.is_nan() { 1.0 } else { 1.0 - c };
                 n += 1;
             }
         }

@@ -262,8 +262,9 @@ pub fn scheme_for(board: &BoardProfile) -> (&'static str, &'static str, String) 
         )
     } else {
         format!(
-            "int8 compute is slower than f32 on {} (tract's int8 kernels ran 40-70x slower on \
-             an AVX2 CPU without VNNI): weights are stored int8 and computed in f32",
+            "{} has no fast int8 kernels (profile: int8_compute = false; tract's int8 \
+             EfficientNet-Lite0 ran 24x slower than f32 on an AVX2 CPU without VNNI, \
+             docs/benchmarks.md): weights are stored int8 and computed in f32",
             board.cpu
         )
     };
@@ -273,6 +274,8 @@ pub fn scheme_for(board: &BoardProfile) -> (&'static str, &'static str, String) 
 /// A quantized graph and its report (graph sizes filled in by the caller).
 pub struct Quantized {
     pub model: TypedModel,
+    /// `model` optimized and planned (what the gate ran).
+    pub plan: Arc<TypedSimplePlan>,
     pub report: QuantReport,
     /// The calibration images (for the QDQ export).
     pub set: calib::CalibrationSet,
@@ -394,8 +397,10 @@ pub fn quantize(
     };
 
     let mut f32_layers: Vec<usize> = Vec::new();
+    // The chosen model's plan is kept: the compile's self-check compares against it.
     let mut model = build(&f32_layers)?;
-    let mut accuracy = refs.compare(&evaluate(&model, &holdout)?, outputs, opts.budget);
+    let mut plan = device_plan(&model)?;
+    let mut accuracy = refs.compare(&gate::run_all(&plan, &holdout)?, outputs, opts.budget);
     let mut sensitivity: Vec<Option<f64>> = vec![None; layers.len()];
     if !accuracy.iter().all(|a| a.passed) {
         if !opts.mixed_precision {
@@ -425,7 +430,8 @@ pub fn quantize(
                 break;
             }
             model = build(&f32_layers)?;
-            accuracy = refs.compare(&evaluate(&model, &holdout)?, outputs, opts.budget);
+            plan = device_plan(&model)?;
+            accuracy = refs.compare(&gate::run_all(&plan, &holdout)?, outputs, opts.budget);
             if accuracy.iter().all(|a| a.passed) {
                 break;
             }
@@ -474,6 +480,7 @@ pub fn quantize(
     }
     Ok(Quantized {
         model,
+        plan,
         report: QuantReport {
             version: REPORT_VERSION,
             board: board.name.clone(),

@@ -245,10 +245,6 @@ pub fn export(
         .graph
         .take()
         .ok_or_else(|| err("the model has no graph".into()))?;
-    let typed_plain = model
-        .clone()
-        .into_typed()
-        .map_err(tract("type the graph for the export"))?;
     if from < 7 {
         return Err(err(format!(
             "the model is opset {from}: its Add/Mul/Gemm broadcasting rules predate opset 7; \
@@ -256,7 +252,12 @@ pub fn export(
         )));
     }
     if from < 13 {
-        lift_to_13(&mut graph, &typed_plain, from)?;
+        // Shapes (for Softmax's axis), typed only when there is something to lift.
+        let typed = model
+            .clone()
+            .into_typed()
+            .map_err(tract("type the graph for the export"))?;
+        lift_to_13(&mut graph, &typed, from)?;
     }
 
     let init: HashMap<String, usize> = graph
@@ -633,9 +634,7 @@ pub fn check(
     reference: &Arc<TypedSimplePlan>,
     budget: super::gate::Budget,
 ) -> Result<Vec<super::gate::OutputAgreement>> {
-    let mut model = tract_onnx::onnx()
-        .with_ignore_value_info(true)
-        .with_ignore_output_shapes(true)
+    let mut model = crate::import::onnx_framework()
         .model_for_path(path)
         .map_err(tract("read back the QDQ export"))?;
     model

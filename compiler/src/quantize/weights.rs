@@ -290,7 +290,7 @@ pub fn quantize_weight_with_floors(
         let s = scales[channel_of(i)];
         let qv = (v / s).round().clamp(-127.0, 127.0);
         q.push(qv as i8);
-        dequantized.push(qv * s + 0.0); // + 0.0: no negative zeros (the packer stores bits)
+        dequantized.push(qv * s);
         let d = (qv * s - v) as f64;
         err2 += d * d;
         norm2 += (*v as f64) * (*v as f64);
@@ -387,6 +387,14 @@ pub fn with_int8_weights(
 mod tests {
     use super::*;
 
+    fn flat<T: Datum + Copy>(t: &Tensor) -> Vec<T> {
+        t.to_plain_array_view::<T>()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect()
+    }
+
     #[test]
     fn per_channel_scales_follow_each_channels_range() {
         // Two output channels of very different magnitude: per-channel keeps both precise.
@@ -397,36 +405,14 @@ mod tests {
         .unwrap();
         let q = quantize_weight(&w, Some(0)).unwrap();
         assert_eq!(q.scales.shape(), &[2, 1, 1, 1]);
-        let s = q
-            .scales
-            .to_plain_array_view::<f32>()
-            .unwrap()
-            .iter()
-            .copied()
-            .collect::<Vec<_>>();
+        let s = flat::<f32>(&q.scales);
         assert!((s[0] - 1.0 / 127.0).abs() < 1e-9);
         assert!((s[1] - 100.0 / 127.0).abs() < 1e-6);
-        assert_eq!(
-            q.values
-                .to_plain_array_view::<i8>()
-                .unwrap()
-                .iter()
-                .copied()
-                .collect::<Vec<_>>()[..4],
-            [64, -127, 32, 0]
-        );
+        assert_eq!(flat::<i8>(&q.values)[..4], [64, -127, 32, 0]);
         assert!(q.relative_error < 0.01, "{}", q.relative_error);
         // One scale for the whole tensor crushes the small channel.
         let t = quantize_weight(&w, None).unwrap();
-        assert_eq!(
-            t.values
-                .to_plain_array_view::<i8>()
-                .unwrap()
-                .iter()
-                .copied()
-                .collect::<Vec<_>>()[..4],
-            [1, -1, 0, 0]
-        );
+        assert_eq!(flat::<i8>(&t.values)[..4], [1, -1, 0, 0]);
     }
 
     #[test]
