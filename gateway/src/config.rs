@@ -27,6 +27,9 @@ pub struct MqttConfig {
     pub host: String,
     #[serde(default = "default_port")]
     pub port: u16,
+    /// MQTT protocol version: `"3.1.1"` (default) or `"5"`.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Topic tree: `<prefix>/<site>/<line>/<device>/…`.
     #[serde(default = "default_prefix")]
     pub prefix: String,
@@ -55,6 +58,28 @@ pub struct MqttConfig {
     pub password: Option<String>,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+}
+
+/// The MQTT protocol version the link speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// MQTT 5: the broker says why it refuses a publish (a PUBACK reason code such as
+    /// "not authorized"), and the link keeps such a message instead of taking the ack as
+    /// delivery; payloads carry a content type.
+    #[serde(rename = "5")]
+    V5,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::V311 => "3.1.1",
+            Protocol::V5 => "5",
+        }
+    }
 }
 
 /// TLS with a private CA and, for brokers that require it, a client certificate.
@@ -276,6 +301,7 @@ impl GatewayConfig {
             mqtt: MqttConfig {
                 host: host.into(),
                 port,
+                protocol: Protocol::default(),
                 prefix: default_prefix(),
                 site: "site".into(),
                 line: "line".into(),

@@ -15,6 +15,7 @@ pub mod link;
 pub mod message;
 pub mod metrics;
 pub mod samples;
+pub mod session;
 pub mod spool;
 pub mod station;
 
@@ -66,6 +67,8 @@ pub struct LinkStats {
     pub connection_errors: AtomicU64,
     pub sent: AtomicU64,
     pub acked: AtomicU64,
+    /// Publishes an MQTT 5 broker acknowledged with an error reason code (kept in the spool).
+    pub refused: AtomicU64,
     pub spool_errors: AtomicU64,
     pub commands_accepted: AtomicU64,
     pub commands_refused: AtomicU64,

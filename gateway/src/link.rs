@@ -12,14 +12,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::{
-    AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::TlsConfiguration;
 use tokio::sync::{mpsc, watch};
 
 use crate::command::{self, Commands};
-use crate::config::{GatewayConfig, TlsConfig};
+use crate::config::TlsConfig;
 use crate::message::{now_ms, Class, SCHEMA_VERSION};
+use crate::session::{Client, LinkEvent, Options};
 use crate::{Gateway, GatewayError, Result, Shared};
 
 /// How long a graceful stop keeps sending what the spool still holds.
@@ -27,12 +26,14 @@ const DRAIN_ON_STOP: Duration = Duration::from_secs(2);
 
 pub struct Link {
     gateway: Gateway,
-    options: MqttOptions,
+    options: Options,
+    /// In-flight window (`mqtt.inflight`).
+    window: usize,
     /// The current connection's client; `None` between connections.
-    client: Option<AsyncClient>,
+    client: Option<Client>,
     /// Events of every connection, tagged with its number; events of an old one are ignored.
-    events_tx: mpsc::Sender<(u64, Result<Event, String>)>,
-    events: mpsc::Receiver<(u64, Result<Event, String>)>,
+    events_tx: mpsc::Sender<(u64, Result<LinkEvent, String>)>,
+    events: mpsc::Receiver<(u64, Result<LinkEvent, String>)>,
     epoch: u64,
     poller: Option<tokio::task::JoinHandle<()>>,
     commands: command::Dispatcher,
@@ -47,6 +48,11 @@ struct State {
     unassigned: VecDeque<Option<(Class, u64)>>,
     inflight: HashMap<u16, (Class, u64)>,
     attempt: u32,
+    /// Refusals (MQTT 5 PUBACK error codes) since the last accepted publish; spaces out the
+    /// reconnects that retry a refused message.
+    refusals: u32,
+    /// A publish was refused: reconnect (which resends from the oldest queued message).
+    refused: bool,
     samples: TokenBucket,
 }
 
@@ -79,33 +85,6 @@ impl TokenBucket {
             false
         }
     }
-}
-
-pub fn mqtt_options(config: &GatewayConfig, status_offline: Vec<u8>) -> Result<MqttOptions> {
-    let m = &config.mqtt;
-    let topics = config.topics()?;
-    let client_id = m
-        .client_id
-        .clone()
-        .unwrap_or_else(|| format!("neo-{}", m.device));
-    let mut opts = MqttOptions::new(client_id, m.host.clone(), m.port);
-    opts.set_keep_alive(Duration::from_secs(m.keep_alive_s))
-        .set_clean_session(true)
-        .set_inflight(m.inflight)
-        .set_max_packet_size(m.max_packet_bytes, m.max_packet_bytes)
-        .set_last_will(LastWill::new(
-            topics.status(),
-            status_offline,
-            QoS::AtLeastOnce,
-            true,
-        ));
-    if let Some(user) = &m.username {
-        opts.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
-    }
-    if let Some(tls) = &m.tls {
-        opts.set_transport(Transport::tls_with_config(tls_configuration(tls)?));
-    }
-    Ok(opts)
 }
 
 /// A rustls client configuration from PEM files (ring provider).
@@ -181,13 +160,14 @@ impl Link {
     pub(crate) fn new(gateway: Gateway) -> Result<(Link, Commands)> {
         let shared = gateway.shared().clone();
         let offline = status_payload(&shared, "offline");
-        let options = mqtt_options(&shared.config, offline)?;
+        let options = Options::new(&shared.config, shared.topics.status(), offline)?;
         let (commands, receiver) = command::Dispatcher::new(gateway.clone());
         let (events_tx, events) = mpsc::channel(1024);
         Ok((
             Link {
                 gateway,
                 options,
+                window: shared.config.mqtt.inflight as usize,
                 client: None,
                 events_tx,
                 events,
@@ -207,25 +187,10 @@ impl Link {
         self.disconnect();
         self.epoch += 1;
         let epoch = self.epoch;
-        let cap = self.options.inflight() as usize * 2 + 16;
-        let (client, mut eventloop) = AsyncClient::new(self.options.clone(), cap);
-        let tx = self.events_tx.clone();
+        let cap = self.window * 2 + 16;
+        let (client, poller) = self.options.connect(cap, epoch, self.events_tx.clone());
         self.client = Some(client);
-        self.poller = Some(tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(event) => {
-                        if tx.send((epoch, Ok(event))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send((epoch, Err(e.to_string()))).await;
-                        return;
-                    }
-                }
-            }
-        }));
+        self.poller = Some(poller);
     }
 
     fn disconnect(&mut self) {
@@ -246,6 +211,8 @@ impl Link {
             unassigned: VecDeque::new(),
             inflight: HashMap::new(),
             attempt: 0,
+            refusals: 0,
+            refused: false,
             samples: TokenBucket::new(shared.config.samples.max_bytes_per_s),
         };
         let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -275,7 +242,18 @@ impl Link {
                         continue; // a connection already given up
                     }
                     match event {
-                        Ok(event) => self.on_event(&shared, &mut st, event),
+                        Ok(event) => {
+                            self.on_event(&shared, &mut st, event);
+                            if std::mem::take(&mut st.refused) && stopping.is_none() {
+                                // Reconnecting rewinds every stream to its oldest queued
+                                // message, the refused one included.
+                                self.disconnect();
+                                st.connected = false;
+                                shared.stats.connected.store(false, Ordering::Relaxed);
+                                let delay = backoff(cfg.reconnect_min_ms, cfg.reconnect_max_ms, st.refusals);
+                                reconnect_at = Some(tokio::time::Instant::now() + delay);
+                            }
+                        }
                         Err(e) => {
                             if st.connected {
                                 eprintln!("neo-gateway: connection to {}:{} lost: {e}", cfg.host, cfg.port);
@@ -308,9 +286,9 @@ impl Link {
         }
     }
 
-    fn on_event(&mut self, shared: &Arc<Shared>, st: &mut State, event: Event) {
+    fn on_event(&mut self, shared: &Arc<Shared>, st: &mut State, event: LinkEvent) {
         match event {
-            Event::Incoming(Packet::ConnAck(_)) => {
+            LinkEvent::Connected => {
                 st.connected = true;
                 st.attempt = 0;
                 st.next = [0; Class::COUNT];
@@ -322,25 +300,23 @@ impl Link {
                     return;
                 };
                 let online = status_payload(shared, "online");
-                if client
-                    .try_publish(shared.topics.status(), QoS::AtLeastOnce, true, online)
-                    .is_ok()
-                {
+                if client.publish(shared.topics.status(), true, online).is_ok() {
                     st.unassigned.push_back(None);
                 }
-                if let Err(e) = client.try_subscribe(shared.topics.commands(), QoS::AtLeastOnce) {
+                if let Err(e) = client.subscribe(shared.topics.commands()) {
                     shared
                         .stats
                         .note_error(format!("cannot subscribe to commands: {e}"));
                 }
             }
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
+            LinkEvent::Sent(pkid) => {
                 if let Some(Some(key)) = st.unassigned.pop_front() {
                     st.inflight.insert(pkid, key);
                 }
             }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(key) = st.inflight.remove(&ack.pkid) {
+            LinkEvent::Acked(pkid) => {
+                if let Some(key) = st.inflight.remove(&pkid) {
+                    st.refusals = 0;
                     shared.stats.acked.fetch_add(1, Ordering::Relaxed);
                     match shared.acked.lock() {
                         Ok(mut a) => a.push(key),
@@ -348,13 +324,29 @@ impl Link {
                     }
                 }
             }
-            Event::Incoming(Packet::Publish(p)) => {
-                if let Some(name) = shared.topics.command_name(&p.topic) {
-                    let name = name.to_string();
-                    self.commands.handle(&name, &p.payload);
+            LinkEvent::Refused { pkid, reason } => {
+                // The message stays in the spool; it is sent again after a reconnect.
+                if let Some((class, seq)) = st.inflight.remove(&pkid) {
+                    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    let note = format!(
+                        "the broker refused {} message seq {seq}: {reason}; kept in the spool and retried (check the broker's ACL or quota for this client)",
+                        class.name()
+                    );
+                    if st.refusals == 0 {
+                        eprintln!("neo-gateway: {note}");
+                    }
+                    shared.stats.note_error(note);
+                    st.refusals = st.refusals.saturating_add(1);
+                    st.refused = true;
                 }
             }
-            _ => {}
+            LinkEvent::Message { topic, payload } => {
+                if let Some(name) = shared.topics.command_name(&topic) {
+                    let name = name.to_string();
+                    self.commands.handle(&name, &payload);
+                }
+            }
+            LinkEvent::DisconnectSent | LinkEvent::Other => {}
         }
     }
 
@@ -388,10 +380,7 @@ impl Link {
                     break;
                 }
                 let topic = shared.topics.data(&r.topic);
-                if client
-                    .try_publish(topic, QoS::AtLeastOnce, false, r.payload)
-                    .is_err()
-                {
+                if client.publish(topic, false, r.payload).is_err() {
                     return;
                 }
                 shared.stats.sent.fetch_add(1, Ordering::Relaxed);
@@ -408,12 +397,12 @@ impl Link {
             if let Some(client) = self.client.as_ref() {
                 let offline = status_payload(shared, "offline");
                 if client
-                    .try_publish(shared.topics.status(), QoS::AtLeastOnce, true, offline)
+                    .publish(shared.topics.status(), true, offline)
                     .is_ok()
                 {
                     st.unassigned.push_back(None);
                 }
-                let _ = client.try_disconnect();
+                client.disconnect();
             }
             let deadline = tokio::time::sleep(Duration::from_secs(1));
             tokio::pin!(deadline);
@@ -425,7 +414,7 @@ impl Link {
                             continue;
                         }
                         match ev {
-                            Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                            Ok(LinkEvent::DisconnectSent) | Err(_) => break,
                             Ok(ev) => self.on_event(shared, st, ev),
                         }
                     }

@@ -62,6 +62,8 @@ impl Gateway {
                 "connection_errors": s.connection_errors.load(Ordering::Relaxed),
                 "sent": s.sent.load(Ordering::Relaxed),
                 "acked": s.acked.load(Ordering::Relaxed),
+                "refused": s.refused.load(Ordering::Relaxed),
+                "protocol": self.config().mqtt.protocol.name(),
                 "commands_accepted": s.commands_accepted.load(Ordering::Relaxed),
                 "commands_refused": s.commands_refused.load(Ordering::Relaxed),
             },
@@ -127,6 +129,11 @@ impl Gateway {
                 "mqtt_acked_total",
                 "Messages acknowledged by the broker.",
                 &s.acked,
+            ),
+            (
+                "mqtt_refused_total",
+                "Publishes the broker refused with an MQTT 5 reason code (kept and resent).",
+                &s.refused,
             ),
             (
                 "spool_errors_total",

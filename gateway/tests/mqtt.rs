@@ -54,9 +54,22 @@ impl Running {
 
 #[test]
 fn nothing_is_lost_across_broker_restarts_and_a_gateway_kill() {
+    loss_test("3.1.1", "lossdev");
+}
+
+#[test]
+fn nothing_is_lost_with_mqtt5_either() {
+    loss_test("5", "loss5dev");
+}
+
+fn loss_test(protocol: &str, device: &str) {
     const COUNT: u64 = 10_000;
     let mut broker = Broker::start();
-    let sub = Subscriber::start(broker.port, "loss-sub", "neo/site/line/lossdev/inspection");
+    let sub = Subscriber::start(
+        broker.port,
+        &format!("{device}-sub"),
+        &format!("neo/site/line/{device}/inspection"),
+    );
     let spool = tempfile::tempdir().unwrap();
     let broker_addr = format!("127.0.0.1:{}", broker.port);
     let spawn = || {
@@ -66,7 +79,9 @@ fn nothing_is_lost_across_broker_restarts_and_a_gateway_kill() {
                 "--broker",
                 &broker_addr,
                 "--device",
-                "lossdev",
+                device,
+                "--protocol",
+                protocol,
                 "--spool",
             ])
             .arg(spool.path())
@@ -123,12 +138,12 @@ fn nothing_is_lost_across_broker_restarts_and_a_gateway_kill() {
             Some(e.seq),
             "payload and sequence disagree"
         );
-        assert_eq!(e.device, "lossdev");
+        assert_eq!(e.device, device);
     }
     let missing: Vec<u64> = (0..COUNT).filter(|n| !counts.contains_key(n)).collect();
     let duplicates: u32 = counts.values().map(|c| c - 1).sum();
     eprintln!(
-        "loss test: {} received, {} distinct, {} duplicates, {} missing",
+        "loss test (MQTT {protocol}): {} received, {} distinct, {} duplicates, {} missing",
         got.len(),
         counts.len(),
         duplicates,
@@ -141,6 +156,81 @@ fn nothing_is_lost_across_broker_restarts_and_a_gateway_kill() {
         &missing[..missing.len().min(10)]
     );
     assert_eq!(counts.len() as u64, COUNT, "ids outside 0..{COUNT}");
+}
+
+/// MQTT 5: Mosquitto answers a publish its ACL forbids with a PUBACK carrying "not
+/// authorized". The link must not take that as delivery: the results stay in the spool, the
+/// refusal is counted and named, and they arrive once the ACL allows them. (Over 3.1.1 the
+/// broker acknowledges and drops such a publish; the protocol has no way to say so.)
+#[test]
+fn mqtt5_a_publish_the_broker_refuses_stays_spooled_until_it_is_allowed() {
+    let acl = |allow_results: bool| {
+        let mut text = String::from(
+            "topic readwrite #\nuser gw\ntopic readwrite neo/site/line/acldev/status\ntopic readwrite neo/site/line/acldev/cmd/#\n",
+        );
+        if allow_results {
+            text.push_str("topic readwrite neo/site/line/acldev/inspection\n");
+        }
+        text
+    };
+    let mut broker = Broker::start_with(|dir| {
+        std::fs::write(dir.join("acl"), acl(false)).unwrap();
+        format!("acl_file {}/acl", dir.display())
+    });
+    let sub = Subscriber::start(broker.port, "acl-sub", "neo/site/line/acldev/#");
+    let spool = tempfile::tempdir().unwrap();
+    let mut config = GatewayConfig::local("127.0.0.1", broker.port, "acldev", spool.path().into());
+    config.mqtt.protocol = neo_gateway::config::Protocol::V5;
+    config.mqtt.username = Some("gw".into());
+    config.mqtt.reconnect_min_ms = 100;
+    config.mqtt.reconnect_max_ms = 400;
+    let run = start_gateway(config);
+    for n in 0..20 {
+        run.gateway
+            .publish(Class::Inspection, serde_json::json!({"n": n}))
+            .unwrap();
+    }
+    // Refused, retried, never delivered, never removed from the spool.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while run.gateway.telemetry()["link"]["refused"]
+        .as_u64()
+        .unwrap_or(0)
+        < 40
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no refusals: {}",
+            run.gateway.telemetry()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let telemetry = run.gateway.telemetry();
+    assert_eq!(telemetry["link"]["protocol"], "5");
+    assert_eq!(
+        telemetry["spool"]["streams"]["inspection"]["queued"].as_u64(),
+        Some(20),
+        "{telemetry}"
+    );
+    let last_error = run.gateway.stats().last_error.lock().unwrap().clone();
+    assert!(
+        last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("NotAuthorized") && e.contains("kept in the spool")),
+        "{last_error:?}"
+    );
+    assert!(sub.envelopes("inspection").is_empty());
+    // The status went through (the ACL allows it), so the connection itself works.
+    assert!(!sub.got.lock().unwrap().is_empty());
+
+    // The operator fixes the ACL; the broker restarts; everything arrives.
+    std::fs::write(broker.dir.path().join("acl"), acl(true)).unwrap();
+    broker.stop();
+    broker.restart();
+    let got = sub.wait_for("inspection", 20, Duration::from_secs(20));
+    let seqs: std::collections::BTreeSet<u64> = got.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (0..20).collect());
+    assert!(run.gateway.wait_delivered(Duration::from_secs(10)).unwrap());
+    run.shutdown();
 }
 
 #[test]
@@ -877,4 +967,36 @@ dir = "spool"
         .map(|(_, p)| serde_json::from_slice(p).unwrap())
         .collect();
     assert_eq!(last.last().unwrap()["state"], "offline", "{last:?}");
+}
+
+/// The demo's in-process broker listens for the protocol the station is configured for.
+#[test]
+fn the_embedded_broker_speaks_the_configured_protocol() {
+    use neo_gateway::config::Protocol;
+    for protocol in [Protocol::V311, Protocol::V5] {
+        let port = free_port();
+        neo_gateway::station::embedded_broker(port, protocol).unwrap();
+        let spool = tempfile::tempdir().unwrap();
+        let mut config = GatewayConfig::local("127.0.0.1", port, "embdev", spool.path().into());
+        config.mqtt.protocol = protocol;
+        let run = start_gateway(config);
+        for n in 0..50 {
+            run.gateway
+                .publish(Class::Inspection, serde_json::json!({"n": n}))
+                .unwrap();
+        }
+        assert!(
+            run.gateway.wait_delivered(Duration::from_secs(10)).unwrap(),
+            "MQTT {}: not delivered: {}",
+            protocol.name(),
+            run.gateway.telemetry()
+        );
+        assert_eq!(
+            run.gateway.telemetry()["link"]["acked"].as_u64(),
+            Some(50),
+            "MQTT {}",
+            protocol.name()
+        );
+        run.shutdown();
+    }
 }

@@ -40,6 +40,9 @@ struct Conn {
     /// Spool budget, MiB.
     #[arg(long)]
     spool_mb: Option<f64>,
+    /// MQTT protocol version: 3.1.1 or 5.
+    #[arg(long, default_value = "3.1.1", value_parser = ["3.1.1", "5"])]
+    protocol: String,
 }
 
 #[derive(Subcommand)]
@@ -135,6 +138,9 @@ fn config_of(conn: &Conn) -> Result<GatewayConfig> {
     let mut config = GatewayConfig::local(&host, port, &conn.device, conn.spool.clone());
     if let Some(mb) = conn.spool_mb {
         config.spool.max_mb = mb;
+    }
+    if conn.protocol == "5" {
+        config.mqtt.protocol = neo_gateway::config::Protocol::V5;
     }
     config.validate()?;
     Ok(config)

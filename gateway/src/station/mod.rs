@@ -136,7 +136,7 @@ fn broker_address(config: &mut StationConfig) -> Result<String> {
     #[cfg(feature = "embedded-broker")]
     {
         let port = config.mqtt.port;
-        embedded_broker(port)?;
+        embedded_broker(port, config.mqtt.protocol)?;
         config.mqtt.host = "127.0.0.1".into();
         Ok(format!("127.0.0.1:{port}"))
     }
@@ -147,9 +147,14 @@ fn broker_address(config: &mut StationConfig) -> Result<String> {
     ))
 }
 
-/// An in-process rumqttd on 127.0.0.1:port (MQTT 3.1.1), for demos.
+/// An in-process rumqttd on 127.0.0.1:port speaking `protocol` (rumqttd listens for one
+/// protocol version per port), for demos.
 #[cfg(feature = "embedded-broker")]
-pub fn embedded_broker(port: u16) -> Result<()> {
+pub fn embedded_broker(port: u16, protocol: crate::config::Protocol) -> Result<()> {
+    let v = match protocol {
+        crate::config::Protocol::V311 => "v4",
+        crate::config::Protocol::V5 => "v5",
+    };
     if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port)) {
         return Err(GatewayError::Config(format!(
             "mqtt.port {port}: cannot start the embedded broker ({e}); is another broker running? Set mqtt.port, or mqtt.host to that broker"
@@ -163,11 +168,11 @@ max_connections = 64
 max_outgoing_packet_count = 200
 max_segment_size = 10485760
 max_segment_count = 10
-[v4.1]
-name = "v4-1"
+[{v}.1]
+name = "{v}-1"
 listen = "127.0.0.1:{port}"
 next_connection_delay_ms = 1
-[v4.1.connections]
+[{v}.1.connections]
 connection_timeout_ms = 60000
 max_payload_size = 1048576
 max_inflight_count = 200
