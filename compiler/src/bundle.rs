@@ -311,6 +311,19 @@ pub fn bundle(opts: &BundleOptions, boards: &Boards) -> Result<BundleManifest> {
             }
         }
     }
+    // The update server's CA for deployments by https URL: shipped beside the broker's.
+    if let Some(v) = station
+        .get_mut("commands")
+        .and_then(|c| c.get_mut("url_ca"))
+    {
+        let Some(p) = v.as_str() else {
+            return Err(bad("commands.url_ca must be a path"));
+        };
+        let path = resolve(p);
+        let name = format!("etc/neo/tls/{}", file_name(&path));
+        files.add(name.clone(), read(&path)?, 0o644)?;
+        *v = toml::Value::String(format!("/{name}"));
+    }
     // State lives under /var/lib/neo on the board.
     let set = |station: &mut toml::Table, table: &str, key: &str, value: &str| {
         if let Some(t) = station.get_mut(table).and_then(|t| t.as_table_mut()) {

@@ -95,6 +95,7 @@ impl Gateway {
 enum Source {
     Bytes(Vec<u8>),
     File(PathBuf),
+    Url(String),
 }
 
 static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -253,8 +254,18 @@ impl Dispatcher {
                 &format!("superseded by deployment {id}"),
             );
         }
-        match (field(body, "path"), field(body, "chunks")) {
-            (Some(Value::String(path)), None) => {
+        match (field(body, "path"), field(body, "chunks"), field(body, "url")) {
+            (None, None, Some(Value::String(url))) => {
+                let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+                if !matches!(scheme.as_deref(), Some("http" | "https")) {
+                    return Err(format!(
+                        "\"url\" must be http:// or https:// (got {url:?}); a file on the device goes in \"path\""
+                    ));
+                }
+                self.install(id.to_string(), spec, Source::Url(url.clone()));
+                Ok(())
+            }
+            (Some(Value::String(path)), None, None) => {
                 let path = PathBuf::from(path.strip_prefix("file://").unwrap_or(path));
                 let meta = std::fs::metadata(&path)
                     .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -267,7 +278,7 @@ impl Dispatcher {
                 self.install(id.to_string(), spec, Source::File(path));
                 Ok(())
             }
-            (None, Some(chunks)) => {
+            (None, Some(chunks), None) => {
                 let chunks = chunks
                     .as_u64()
                     .filter(|&c| c >= 1 && c <= size && c <= 1 << 20)
@@ -282,7 +293,7 @@ impl Dispatcher {
                 });
                 Ok(())
             }
-            _ => Err("give either \"path\" (a file on the device) or \"chunks\" (then send deploy_chunk messages); http URLs are not fetched".into()),
+            _ => Err("give one of \"url\" (http or https, fetched by the device), \"path\" (a file on the device) or \"chunks\" (then send deploy_chunk messages)".into()),
         }
     }
 
@@ -334,8 +345,25 @@ impl Dispatcher {
             .spawn(move || {
                 // One installation at a time: two would write the same slot.
                 let _one = INSTALLING.lock().unwrap_or_else(|p| p.into_inner());
+                let config = gateway.config();
                 let bytes = match source {
                     Source::Bytes(b) => b,
+                    Source::Url(url) => {
+                        let timeout =
+                            std::time::Duration::from_secs_f64(config.commands.download_timeout_s);
+                        match deploy::fetch(
+                            &url,
+                            spec.size,
+                            config.commands.url_ca.as_deref(),
+                            timeout,
+                        ) {
+                            Ok(b) => b,
+                            Err(e) => {
+                                gateway.ack(Some(&id), "deploy", false, &e);
+                                return;
+                            }
+                        }
+                    }
                     Source::File(path) => match std::fs::read(&path) {
                         Ok(b) => b,
                         Err(e) => {
@@ -349,7 +377,6 @@ impl Dispatcher {
                         }
                     },
                 };
-                let config = gateway.config();
                 let keys: Vec<_> = config
                     .commands
                     .trusted_keys

@@ -144,6 +144,13 @@ pub struct CommandsConfig {
     /// Largest model accepted by a deployment, MiB.
     #[serde(default = "default_max_model_mb")]
     pub max_model_mb: f64,
+    /// PEM CA certificate(s) trusted for `deploy` by https URL (a plant's own update server);
+    /// without it, the public web roots (Mozilla's list, built in).
+    #[serde(default)]
+    pub url_ca: Option<PathBuf>,
+    /// Longest a `deploy` by URL may take to download, seconds.
+    #[serde(default = "default_download_timeout")]
+    pub download_timeout_s: f64,
 }
 
 fn default_port() -> u16 {
@@ -188,6 +195,9 @@ fn default_telemetry_interval() -> f64 {
 fn default_max_model_mb() -> f64 {
     256.0
 }
+fn default_download_timeout() -> f64 {
+    600.0
+}
 
 impl Default for SamplesConfig {
     fn default() -> Self {
@@ -206,6 +216,8 @@ impl Default for CommandsConfig {
             trusted_keys: Vec::new(),
             models_dir: None,
             max_model_mb: default_max_model_mb(),
+            url_ca: None,
+            download_timeout_s: default_download_timeout(),
         }
     }
 }
@@ -271,6 +283,18 @@ impl GatewayConfig {
         for (i, k) in self.commands.trusted_keys.iter().enumerate() {
             crate::deploy::parse_public_key(k)
                 .map_err(|e| GatewayError::Config(format!("commands.trusted_keys[{i}]: {e}")))?;
+        }
+        if !(self.commands.download_timeout_s.is_finite() && self.commands.download_timeout_s > 0.0)
+        {
+            return bad("commands.download_timeout_s", "must be a positive number");
+        }
+        if let Some(ca) = &self.commands.url_ca {
+            if !ca.is_file() {
+                return bad(
+                    "commands.url_ca",
+                    &format!("{} is not a readable file", ca.display()),
+                );
+            }
         }
         Ok(())
     }

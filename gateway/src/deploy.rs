@@ -43,6 +43,68 @@ pub fn parse_sha256(text: &str) -> std::result::Result<[u8; 32], String> {
         .map_err(|_| "sha256 must be 64 hex digits".to_string())
 }
 
+/// Downloads an artifact from an http(s) URL: the whole body, at most `size` bytes (the
+/// caller then checks size, digest and signature as for any deployment, so a plain-http
+/// server or a redirect cannot slip in another artifact). `ca`: PEM roots for https; without
+/// it, the built-in public web roots.
+pub fn fetch(
+    url: &str,
+    size: u64,
+    ca: Option<&Path>,
+    timeout: std::time::Duration,
+) -> std::result::Result<Vec<u8>, String> {
+    use std::time::Duration;
+    use ureq::tls::{PemItem, RootCerts, TlsConfig};
+    let mut tls = TlsConfig::builder();
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca)
+            .map_err(|e| format!("cannot read commands.url_ca {}: {e}", ca.display()))?;
+        let mut roots = Vec::new();
+        for item in ureq::tls::parse_pem(&pem) {
+            match item {
+                Ok(PemItem::Certificate(c)) => roots.push(c),
+                Ok(_) => {}
+                Err(e) => return Err(format!("commands.url_ca {}: {e}", ca.display())),
+            }
+        }
+        if roots.is_empty() {
+            return Err(format!(
+                "commands.url_ca {} holds no PEM certificate",
+                ca.display()
+            ));
+        }
+        tls = tls.root_certs(RootCerts::new_with_certs(&roots));
+    }
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .tls_config(tls.build())
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(15)))
+        .timeout_recv_response(Some(Duration::from_secs(60)))
+        .timeout_per_read(Some(Duration::from_secs(60)))
+        .timeout_global(Some(timeout))
+        .build()
+        .into();
+    let mut response = agent
+        .get(url)
+        .call()
+        .map_err(|e| format!("cannot download {url}: {e}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("{url} answered HTTP {status}"));
+    }
+    response
+        .body_mut()
+        .with_config()
+        .limit(size)
+        .read_to_vec()
+        .map_err(|e| match e {
+            ureq::Error::BodyExceedsLimit(_) => {
+                format!("{url} sends more than the announced {size} bytes")
+            }
+            e => format!("download of {url} failed: {e}"),
+        })
+}
+
 /// What a deployment claims about the artifact it brings.
 #[derive(Debug, Clone)]
 pub struct DeploySpec {

@@ -1000,3 +1000,206 @@ fn the_embedded_broker_speaks_the_configured_protocol() {
         run.shutdown();
     }
 }
+
+/// A small file server on a free loopback port (plain, or TLS with `server.pem`/`server.key`
+/// from `tls_dir`): `/model.neo` is `body`, `/tampered.neo` the same with one byte flipped,
+/// anything else 404.
+fn serve_artifact(body: Vec<u8>, tls_dir: Option<&Path>) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tls = tls_dir.map(|dir| {
+        use rustls::pki_types::pem::PemObject;
+        let chain = rustls::pki_types::CertificateDer::pem_file_iter(dir.join("server.pem"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        std::sync::Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap(),
+        )
+    });
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(tcp) = stream else { continue };
+            let mut stream: Box<dyn ReadWrite> = match &tls {
+                Some(config) => {
+                    let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+                    Box::new(rustls::StreamOwned::new(conn, tcp))
+                }
+                None => Box::new(tcp),
+            };
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") {
+                match stream.read(&mut byte) {
+                    Ok(1) => request.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let request = String::from_utf8_lossy(&request);
+            let path = request.split(' ').nth(1).unwrap_or("");
+            let (status, content) = match path {
+                "/model.neo" => ("200 OK", body.clone()),
+                "/tampered.neo" => {
+                    let mut b = body.clone();
+                    b[100] ^= 1;
+                    ("200 OK", b)
+                }
+                _ => ("404 Not Found", b"no such file".to_vec()),
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                content.len()
+            );
+            let _ = stream.write_all(&content);
+            let _ = stream.flush();
+        }
+    });
+    port
+}
+
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+#[test]
+fn a_model_deployed_by_url_over_http_and_https() {
+    use ed25519_dalek::{Signer, SigningKey};
+    use sha2::Digest;
+    let work = tempfile::tempdir().unwrap();
+    make_certs(work.path());
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bytes = std::fs::read(repo.join("models/fixtures/tiny_conv.neo")).unwrap();
+    let http = serve_artifact(bytes.clone(), None);
+    let https = serve_artifact(bytes.clone(), Some(work.path()));
+
+    let broker = Broker::start();
+    let key = SigningKey::from_bytes(&[9; 32]);
+    let mut config = GatewayConfig::local(
+        "127.0.0.1",
+        broker.port,
+        "urldev",
+        work.path().join("spool"),
+    );
+    config.commands.trusted_keys = vec![hex::encode(key.verifying_key().to_bytes())];
+    config.commands.url_ca = Some(work.path().join("ca.pem"));
+    let mut run = start_gateway(config.clone());
+    let sub = Subscriber::start(broker.port, "url-sub", "neo/site/line/urldev/ack");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+    let deploy = |id: &str, url: &str| {
+        publish_raw(
+            broker.port,
+            "neo/site/line/urldev/cmd/deploy",
+            serde_json::json!({
+                "id": id, "name": "tiny", "size": bytes.len(), "url": url,
+                "sha256": hex::encode(digest), "signature": hex::encode(key.sign(&digest).to_bytes()),
+            })
+            .to_string()
+            .as_bytes(),
+        );
+    };
+    let mut seen = 0;
+    let mut answer = |id: &str| -> serde_json::Value {
+        seen += 1;
+        let acks = sub.wait_for("ack", seen, Duration::from_secs(30));
+        acks.iter()
+            .find(|e| e.data["cmd_id"] == id)
+            .unwrap_or_else(|| panic!("no ack for {id}: {acks:?}"))
+            .data
+            .clone()
+    };
+    let activated = |run: &mut Running| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(c) = run.commands.try_recv() {
+                let neo_gateway::command::Action::ModelActivated { path, .. } = c.action else {
+                    panic!("{c:?}")
+                };
+                return path;
+            }
+            assert!(Instant::now() < deadline, "no ModelActivated");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // Over plain http: the signature, not the transport, vouches for the artifact.
+    deploy("u-1", &format!("http://127.0.0.1:{http}/model.neo"));
+    let ack = answer("u-1");
+    assert_eq!(ack["ok"], true, "{ack}");
+    let path = activated(&mut run);
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    let slots = neo_gateway::deploy::Slots::open(&config.models_dir()).unwrap();
+    slots.confirm().unwrap();
+
+    // Over https from a server whose certificate the plant's own CA (commands.url_ca) signed.
+    deploy("u-2", &format!("https://localhost:{https}/model.neo"));
+    let ack = answer("u-2");
+    assert_eq!(ack["ok"], true, "{ack}");
+    let path = activated(&mut run);
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    slots.confirm().unwrap();
+    let active = slots.active().unwrap().unwrap();
+
+    // Refused, the running model untouched: a tampered file, a missing one, another scheme.
+    for (id, url, why) in [
+        (
+            "u-3",
+            format!("http://127.0.0.1:{http}/tampered.neo"),
+            "sha256",
+        ),
+        (
+            "u-4",
+            format!("http://127.0.0.1:{http}/gone.neo"),
+            "HTTP 404",
+        ),
+        (
+            "u-5",
+            "ftp://127.0.0.1/model.neo".to_string(),
+            "http:// or https://",
+        ),
+    ] {
+        deploy(id, &url);
+        let ack = answer(id);
+        assert_eq!(ack["ok"], false, "{ack}");
+        assert!(ack["message"].as_str().unwrap().contains(why), "{ack}");
+        assert_eq!(slots.active().unwrap().unwrap(), active);
+    }
+    run.shutdown();
+
+    // Without the plant's CA the https server is not trusted; more bytes than announced are
+    // refused while downloading.
+    let timeout = Duration::from_secs(10);
+    let err = neo_gateway::deploy::fetch(
+        &format!("https://localhost:{https}/model.neo"),
+        bytes.len() as u64,
+        None,
+        timeout,
+    )
+    .unwrap_err();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    let err = neo_gateway::deploy::fetch(
+        &format!("http://127.0.0.1:{http}/model.neo"),
+        bytes.len() as u64 - 1,
+        None,
+        timeout,
+    )
+    .unwrap_err();
+    assert!(err.contains("more than the announced"), "{err}");
+    let err = neo_gateway::deploy::fetch(
+        &format!("http://127.0.0.1:{}/model.neo", free_port()),
+        bytes.len() as u64,
+        None,
+        timeout,
+    )
+    .unwrap_err();
+    assert!(err.contains("cannot download"), "{err}");
+}

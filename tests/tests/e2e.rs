@@ -340,6 +340,8 @@ ok_fraction = 0.0
         .unwrap();
         let broker = Broker::start();
         let sub = Subscriber::start(broker.port, "bundle-sub", "neo/site/line/boxdev/#");
+        // The update server's CA (for deployments by https URL) travels with the bundle.
+        std::fs::write(d.join("updates-ca.pem"), "-----BEGIN CERTIFICATE-----\n").unwrap();
         std::fs::write(
             d.join("station.toml"),
             format!(
@@ -371,6 +373,8 @@ line = "line"
 device = "boxdev"
 [spool]
 dir = "spool"
+[commands]
+url_ca = "updates-ca.pem"
 "#,
                 broker.port
             ),
@@ -401,6 +405,7 @@ dir = "spool"
                 && manifest
                     .files
                     .contains_key("opt/neo/data/sensor-pump1/replay.csv")
+                && manifest.files.contains_key("etc/neo/tls/updates-ca.pem")
         );
 
         let unpacked = d.join("unpacked");
@@ -452,13 +457,15 @@ dir = "spool"
         let config = std::fs::read_to_string(root.join("etc/neo/station.toml")).unwrap();
         assert!(
             config.contains("\"/opt/neo/models/bottle.neo\"")
-                && config.contains("\"/var/lib/neo/spool\""),
+                && config.contains("\"/var/lib/neo/spool\"")
+                && config.contains("\"/etc/neo/tls/updates-ca.pem\""),
             "{config}"
         );
 
         // The installed daemon runs the station from the installed files alone.
         let local = config
             .replace("\"/opt/neo", &format!("\"{}/opt/neo", root.display()))
+            .replace("\"/etc/neo", &format!("\"{}/etc/neo", root.display()))
             .replace(
                 "\"/var/lib/neo",
                 &format!("\"{}/var/lib/neo", root.display()),
