@@ -47,6 +47,10 @@ pub struct MqttConfig {
     /// Largest MQTT packet sent or accepted (AWS IoT Core allows 128 KiB).
     #[serde(default = "default_max_packet")]
     pub max_packet_bytes: usize,
+    /// Largest MQTT packet accepted from the broker; defaults to `max_packet_bytes`, raised
+    /// to the largest `cameras[].max_bytes` when a camera has kind = "push".
+    #[serde(default)]
+    pub max_incoming_bytes: Option<usize>,
     /// Reconnect backoff: doubles from the minimum to the maximum, with ±50 % jitter.
     #[serde(default = "default_reconnect_min")]
     pub reconnect_min_ms: u64,
@@ -334,6 +338,7 @@ impl GatewayConfig {
                 keep_alive_s: default_keep_alive(),
                 inflight: default_inflight(),
                 max_packet_bytes: default_max_packet(),
+                max_incoming_bytes: None,
                 reconnect_min_ms: 50,
                 reconnect_max_ms: 1_000,
                 username: None,

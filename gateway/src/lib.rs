@@ -11,6 +11,7 @@
 pub mod command;
 pub mod config;
 pub mod deploy;
+pub mod inbox;
 pub mod link;
 pub mod message;
 pub mod metrics;
@@ -100,6 +101,8 @@ pub(crate) struct Shared {
     pub wake: tokio::sync::Notify,
     pub started: Instant,
     pub app_metrics: Mutex<Vec<(String, f64)>>,
+    /// Inboxes of the station's push cameras, once it has set them up.
+    pub inbox: std::sync::OnceLock<inbox::FrameInbox>,
 }
 
 /// The producer handle. Clone it into every thread that produces results.
@@ -144,6 +147,7 @@ impl Gateway {
             wake: tokio::sync::Notify::new(),
             started: Instant::now(),
             app_metrics: Mutex::new(Vec::new()),
+            inbox: std::sync::OnceLock::new(),
         });
         let (ops, rx) = mpsc::sync_channel(WRITER_QUEUE);
         let writer_shared = shared.clone();
@@ -281,6 +285,15 @@ impl Gateway {
 
     pub fn stats(&self) -> &LinkStats {
         &self.shared.stats
+    }
+
+    /// Routes frames pushed over MQTT (`<base>/frames/<camera>`) and HTTP
+    /// (`POST /frames/<camera>`) into `inbox`. Set once, before the link runs.
+    pub fn accept_frames(&self, inbox: inbox::FrameInbox) -> Result<()> {
+        self.shared
+            .inbox
+            .set(inbox)
+            .map_err(|_| GatewayError::Config("frame inboxes are already set".into()))
     }
 
     pub fn uptime(&self) -> Duration {

@@ -308,6 +308,13 @@ impl Link {
                         .stats
                         .note_error(format!("cannot subscribe to commands: {e}"));
                 }
+                if shared.inbox.get().is_some() {
+                    if let Err(e) = client.subscribe(shared.topics.frames()) {
+                        shared
+                            .stats
+                            .note_error(format!("cannot subscribe to pushed frames: {e}"));
+                    }
+                }
             }
             LinkEvent::Sent(pkid) => {
                 if let Some(Some(key)) = st.unassigned.pop_front() {
@@ -344,6 +351,14 @@ impl Link {
                 if let Some(name) = shared.topics.command_name(&topic) {
                     let name = name.to_string();
                     self.commands.handle(&name, &payload);
+                } else if let (Some(camera), Some(inbox)) =
+                    (shared.topics.frame_camera(&topic), shared.inbox.get())
+                {
+                    if let Err(e) = inbox.deliver(camera, payload, "mqtt", None) {
+                        shared
+                            .stats
+                            .note_error(format!("pushed frame on {topic}: {e}"));
+                    }
                 }
             }
             LinkEvent::DisconnectSent | LinkEvent::Other => {}

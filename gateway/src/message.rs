@@ -165,6 +165,19 @@ impl Topics {
         format!("{}/cmd/#", self.base)
     }
 
+    /// Frames pushed to this device's cameras of kind `push`: `…/frames/<camera>`.
+    pub fn frames(&self) -> String {
+        format!("{}/frames/+", self.base)
+    }
+
+    /// The camera a topic under `…/frames/` is for, if it is one.
+    pub fn frame_camera<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        topic
+            .strip_prefix(self.base.as_str())?
+            .strip_prefix("/frames/")
+            .filter(|c| !c.is_empty() && !c.contains('/'))
+    }
+
     /// The command name of a topic under `…/cmd/`, if it is one.
     pub fn command_name<'t>(&self, topic: &'t str) -> Option<&'t str> {
         topic
@@ -204,6 +217,12 @@ mod tests {
             Some("set_threshold")
         );
         assert_eq!(t.command_name("neo/plant1/line-3/cam2/cmd/x"), None);
+        assert_eq!(
+            t.frame_camera("neo/plant1/line-3/cam1/frames/top"),
+            Some("top")
+        );
+        assert_eq!(t.frame_camera("neo/plant1/line-3/cam1/frames/a/b"), None);
+        assert_eq!(t.frame_camera("neo/plant1/line-3/cam1/cmd/top"), None);
         let err = Topics::new("neo", "a/b", "l", "d").unwrap_err();
         assert!(err.to_string().contains("mqtt.site"), "{err}");
         assert!(Topics::new("neo", "s", "l", "").is_err());

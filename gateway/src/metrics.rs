@@ -79,6 +79,10 @@ impl Gateway {
             "app": app,
             "versions": {"neo-gateway": env!("CARGO_PKG_VERSION"), "tract": neo_runtime::TRACT_VERSION},
             "model": crate::deploy::Slots::peek(&self.config().models_dir()).ok().flatten(),
+            "pushed_frames": self.shared().inbox.get().map(|i| json!({
+                "received": i.received.load(Ordering::Relaxed),
+                "refused": i.refused.load(Ordering::Relaxed),
+            })),
         })
     }
 
@@ -263,25 +267,52 @@ impl Gateway {
     }
 
     async fn serve_http(&self, mut stream: tokio::net::TcpStream) {
-        let mut buf = vec![0u8; 2048];
-        let mut len = 0;
-        // Read the request line and headers (a GET has no body).
-        while len < buf.len() {
-            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[len..])).await {
-                Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                Ok(Ok(n)) => {
-                    len += n;
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
+        const HEAD_MAX: usize = 16 * 1024;
+        let mut buf = Vec::with_capacity(2048);
+        let mut chunk = [0u8; 4096];
+        // The request line and headers.
+        let head_end = loop {
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break Some(at + 4);
+            }
+            if buf.len() > HEAD_MAX {
+                break None;
+            }
+            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break None,
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let Some(head_end) = head_end else {
+            return;
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut words = head.split_whitespace();
+        let method = words.next().unwrap_or("");
+        let target = words.next().unwrap_or("");
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let (status, ctype, body) = match (method, path) {
+            ("POST", p) if p.starts_with("/frames/") => {
+                let camera = &p["/frames/".len()..];
+                let body_start = buf.split_off(head_end);
+                let answer = self
+                    .receive_frame(&mut stream, &head, camera, query, body_start)
+                    .await;
+                match answer {
+                    Ok(()) => (
+                        "202 Accepted",
+                        "application/json",
+                        json!({"queued": true}).to_string(),
+                    ),
+                    Err((status, why)) => (
+                        status,
+                        "application/json",
+                        json!({"queued": false, "error": why}).to_string(),
+                    ),
                 }
             }
-        }
-        let request = String::from_utf8_lossy(&buf[..len]);
-        let path = request.split_whitespace().nth(1).unwrap_or("");
-        let (status, ctype, body) = match path {
-            "/metrics" => ("200 OK", "text/plain; version=0.0.4", self.prometheus()),
-            "/healthz" => {
+            (_, "/metrics") => ("200 OK", "text/plain; version=0.0.4", self.prometheus()),
+            (_, "/healthz") => {
                 let ok = self.stats().spool_errors.load(Ordering::Relaxed) == 0;
                 let body = json!({
                     "ok": ok,
@@ -302,7 +333,7 @@ impl Gateway {
             _ => (
                 "404 Not Found",
                 "text/plain",
-                "try /metrics or /healthz\n".into(),
+                "try /metrics, /healthz or POST /frames/<camera>\n".into(),
             ),
         };
         let response = format!(
@@ -311,6 +342,74 @@ impl Gateway {
         );
         let _ = stream.write_all(response.as_bytes()).await;
         let _ = stream.shutdown().await;
+    }
+
+    /// Reads the body of `POST /frames/<camera>` (Content-Length required, at most the
+    /// camera's `max_bytes`) and hands it to the camera's inbox; the error is an HTTP status
+    /// and why.
+    async fn receive_frame(
+        &self,
+        stream: &mut tokio::net::TcpStream,
+        head: &str,
+        camera: &str,
+        query: &str,
+        mut body: Vec<u8>,
+    ) -> std::result::Result<(), (&'static str, String)> {
+        let Some(inbox) = self.shared().inbox.get() else {
+            return Err((
+                "404 Not Found",
+                "this station has no camera of kind \"push\"".into(),
+            ));
+        };
+        let Some(max) = inbox.accepts(camera) else {
+            // Delivering to an unknown camera fails with the list of known ones (and counts).
+            let e = inbox.deliver(camera, bytes::Bytes::from_static(b"?"), "http", None);
+            return Err((
+                "404 Not Found",
+                e.err().map(|e| e.to_string()).unwrap_or_default(),
+            ));
+        };
+        let length = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse::<usize>().ok());
+        let Some(length) = length else {
+            return Err((
+                "411 Length Required",
+                "send Content-Length with the image".into(),
+            ));
+        };
+        if length > max {
+            inbox.refused.fetch_add(1, Ordering::Relaxed);
+            return Err((
+                "413 Content Too Large",
+                crate::inbox::PushError::TooLarge(length, max).to_string(),
+            ));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut chunk = vec![0u8; 64 * 1024];
+        while body.len() < length {
+            match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    return Err(("400 Bad Request", "the body ended early".into()))
+                }
+                Err(_) => return Err(("408 Request Timeout", "the body took over 30 s".into())),
+                Ok(Ok(n)) => body.extend_from_slice(&chunk[..n]),
+            }
+        }
+        body.truncate(length);
+        let name = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("name="))
+            .filter(|n| !n.is_empty())
+            .map(|n| n.chars().take(200).collect::<String>());
+        inbox
+            .deliver(camera, bytes::Bytes::from(body), "http", name)
+            .map_err(|e| match e {
+                crate::inbox::PushError::Full(_) => ("503 Service Unavailable", e.to_string()),
+                e => ("400 Bad Request", e.to_string()),
+            })
     }
 }
 

@@ -64,6 +64,7 @@ impl Options {
             .client_id
             .clone()
             .unwrap_or_else(|| format!("neo-{}", m.device));
+        let incoming = m.max_incoming_bytes.unwrap_or(m.max_packet_bytes);
         let transport = match &m.tls {
             Some(tls) => Some(Transport::tls_with_config(tls_configuration(tls)?)),
             None => None,
@@ -74,7 +75,7 @@ impl Options {
                 o.set_keep_alive(Duration::from_secs(m.keep_alive_s))
                     .set_clean_session(true)
                     .set_inflight(m.inflight)
-                    .set_max_packet_size(m.max_packet_bytes, m.max_packet_bytes)
+                    .set_max_packet_size(incoming, m.max_packet_bytes)
                     .set_last_will(rumqttc::LastWill::new(
                         status_topic,
                         status_offline,
@@ -106,7 +107,7 @@ impl Options {
                     .set_clean_start(true)
                     .set_session_expiry_interval(None)
                     .set_outgoing_inflight_upper_limit(m.inflight)
-                    .set_max_packet_size(Some(m.max_packet_bytes as u32))
+                    .set_max_packet_size(Some(incoming.min(u32::MAX as usize) as u32))
                     .set_last_will(m5::LastWill::new(
                         status_topic,
                         status_offline,

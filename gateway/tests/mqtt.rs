@@ -8,9 +8,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use neo_e2e::{free_port, Broker, ReceivedEnvelope, Subscriber};
+use neo_e2e::{free_port, publish_all, Broker, ReceivedEnvelope, Subscriber};
 use neo_gateway::{Class, Gateway, GatewayConfig};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 fn gateway_bin() -> &'static str {
     env!("CARGO_BIN_EXE_neo-gateway")
@@ -336,44 +335,6 @@ fn status_is_retained_online_and_the_will_says_offline_after_a_crash() {
 
 fn publish_raw(port: u16, topic: &str, payload: &[u8]) {
     publish_all(port, vec![(topic.to_string(), payload.to_vec())]);
-}
-
-/// Publishes messages in order on one connection (QoS 1) and waits for every PUBACK.
-fn publish_all(port: u16, messages: Vec<(String, Vec<u8>)>) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut opts = MqttOptions::new(format!("cmd-{}", rand_id()), "127.0.0.1", port);
-        opts.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut events) = AsyncClient::new(opts, 16);
-        let n = messages.len();
-        tokio::spawn(async move {
-            for (topic, payload) in messages {
-                client
-                    .publish(topic, QoS::AtLeastOnce, false, payload)
-                    .await
-                    .unwrap();
-            }
-        });
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let mut acked = 0;
-        while acked < n {
-            match tokio::time::timeout_at(deadline, events.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
-                Err(_) => panic!("only {acked} of {n} commands acknowledged by the broker"),
-                _ => {}
-            }
-        }
-    });
-}
-
-fn rand_id() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
 }
 
 #[test]

@@ -211,3 +211,38 @@ impl Subscriber {
         }
     }
 }
+
+/// Publishes messages in order on one connection (QoS 1) and waits for every PUBACK.
+pub fn publish_all(port: u16, messages: Vec<(String, Vec<u8>)>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    rt.block_on(async {
+        let mut opts = MqttOptions::new(format!("pub-{id}"), "127.0.0.1", port);
+        opts.set_max_packet_size(16 << 20, 16 << 20);
+        let (client, mut events) = AsyncClient::new(opts, 16);
+        let n = messages.len();
+        tokio::spawn(async move {
+            for (topic, payload) in messages {
+                client
+                    .publish(topic, QoS::AtLeastOnce, false, payload)
+                    .await
+                    .unwrap();
+            }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut acked = 0;
+        while acked < n {
+            match tokio::time::timeout_at(deadline, events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+                Err(_) => panic!("only {acked} of {n} messages acknowledged by the broker"),
+                _ => {}
+            }
+        }
+    });
+}

@@ -256,6 +256,120 @@ ok_fraction = 0.0
         assert_eq!(samples, 3);
     }
 
+    /// `POST path` with `body` (or only a Content-Length of `claimed` bytes); the status code.
+    fn http_post(port: u16, path: &str, body: &[u8], claimed: usize) -> u16 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\nContent-Length: {claimed}\r\n\r\n"
+        )
+        .unwrap();
+        s.write_all(body).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no HTTP status in {answer:?}"))
+    }
+
+    /// A camera of kind "push": frames another program sends over MQTT and HTTP each become
+    /// one result with the right verdict; a payload that is not an image becomes a fail-safe
+    /// part; an unknown camera and an oversize frame are refused with their HTTP status.
+    #[test]
+    fn frames_pushed_over_mqtt_and_http_each_become_one_result() {
+        use neo_gateway::station::config::SourceKind;
+        let dir = tempfile::tempdir().unwrap();
+        compiled_classifier(dir.path());
+        let broker = Broker::start();
+        let sub = Subscriber::start(broker.port, "e2e-push", "neo/e2e/l1/st1/#");
+        let http = neo_e2e::free_port();
+        let mut config = station_toml(dir.path(), broker.port, "unused", "");
+        config.cameras[0].kind = SourceKind::Push;
+        config.cameras[0].path = None;
+        config.cameras[0].max_bytes = 1 << 20;
+        config.telemetry.metrics_addr = Some(format!("127.0.0.1:{http}"));
+        let station = std::thread::spawn(move || {
+            station::run(
+                config,
+                RunOptions {
+                    max_frames: Some(5),
+                    duration: Some(Duration::from_secs(90)),
+                    ..Default::default()
+                },
+            )
+        });
+        // Online, and subscribed to its frames topic a moment after.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !sub
+            .got
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, _)| t.ends_with("/status"))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the station never came online"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let sample = |name: &str| std::fs::read(repo().join("models/samples").join(name)).unwrap();
+
+        let topic = "neo/e2e/l1/st1/frames/cam0".to_string();
+        let pushes: [(Vec<u8>, &str); 3] = [
+            (sample("bottle_good_000.png"), "OK"),
+            (sample("bottle_broken_large_000.png"), "NG"),
+            (b"these bytes are no image".to_vec(), "NG"),
+        ];
+        for (n, (bytes, _)) in pushes.iter().enumerate() {
+            neo_e2e::publish_all(broker.port, vec![(topic.clone(), bytes.clone())]);
+            sub.wait_for("inspection", n + 1, Duration::from_secs(20));
+        }
+        for name in ["bottle_good_003.png", "bottle_contamination_000.png"] {
+            let body = sample(name);
+            assert_eq!(
+                http_post(
+                    http,
+                    &format!("/frames/cam0?name={name}"),
+                    &body,
+                    body.len()
+                ),
+                202
+            );
+        }
+        assert_eq!(http_post(http, "/frames/side", b"x", 1), 404);
+        assert_eq!(http_post(http, "/frames/cam0", b"", 2 << 20), 413);
+
+        let summary = station.join().unwrap().unwrap();
+        assert_eq!(summary.frames, 5, "{summary:?}");
+        let results = sub.wait_for("inspection", 5, Duration::from_secs(10));
+        assert_eq!(results.len(), 5, "one result per pushed frame");
+        let by_image = |image: &str| {
+            results
+                .iter()
+                .find(|r| r.data["image"] == image)
+                .unwrap_or_else(|| panic!("no result for {image}: {results:?}"))
+                .data
+                .clone()
+        };
+        for (n, (_, verdict)) in pushes.iter().enumerate() {
+            let r = by_image(&format!("mqtt-{n}"));
+            assert_eq!(r["verdict"], *verdict, "{r}");
+        }
+        let garbage = by_image("mqtt-2");
+        assert_eq!(garbage["fail_safe"], true);
+        assert!(
+            garbage["reason"].as_str().unwrap().contains("not an image"),
+            "{garbage}"
+        );
+        assert_eq!(by_image("bottle_good_003.png")["verdict"], "OK");
+        assert_eq!(by_image("bottle_contamination_000.png")["verdict"], "NG");
+    }
+
     #[test]
     fn sensor_source_raises_and_clears_an_alarm_naming_the_features() {
         let dir = tempfile::tempdir().unwrap();

@@ -100,6 +100,13 @@ pub struct CameraConfig {
     pub repeat: bool,
     #[serde(default)]
     pub trigger: Trigger,
+    /// `push`: the largest frame accepted, bytes.
+    #[serde(default = "default_push_max_bytes")]
+    pub max_bytes: usize,
+}
+
+fn default_push_max_bytes() -> usize {
+    8 * 1024 * 1024
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -110,6 +117,10 @@ pub enum SourceKind {
     Folder,
     /// A V4L2/UVC camera (feature `camera`; not built yet).
     Camera,
+    /// Frames pushed by another program: the encoded image as the payload of MQTT
+    /// `<base>/frames/<name>` or the body of HTTP `POST /frames/<name>` on
+    /// `telemetry.metrics_addr`. Each pushed frame is one part.
+    Push,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -223,6 +234,15 @@ impl StationConfig {
         if let Some(p) = c.commands.models_dir.as_mut() {
             rebase(p);
         }
+        if let Some(p) = c.commands.url_ca.as_mut() {
+            rebase(p);
+        }
+        if let Some(tls) = c.mqtt.tls.as_mut() {
+            rebase(&mut tls.ca);
+            for p in [tls.cert.as_mut(), tls.key.as_mut()].into_iter().flatten() {
+                rebase(p);
+            }
+        }
         c.validate()?;
         Ok(c)
     }
@@ -248,8 +268,20 @@ impl StationConfig {
                 SourceKind::Camera => {
                     return bad(
                         key("kind"),
-                        "camera sources need the `camera` feature, which is not built yet; use kind = \"folder\"",
+                        "camera sources need the `camera` feature, which is not built yet; use kind = \"folder\" or \"push\"",
                     )
+                }
+                SourceKind::Push if cam.path.is_some() => {
+                    return bad(
+                        key("path"),
+                        "a push camera receives its frames over MQTT or HTTP; remove path",
+                    )
+                }
+                SourceKind::Push if cam.trigger != Trigger::FreeRun => {
+                    return bad(key("trigger"), "each pushed frame is its own trigger; remove trigger")
+                }
+                SourceKind::Push if cam.max_bytes < 1024 || cam.max_bytes > 256 << 20 => {
+                    return bad(key("max_bytes"), "must be 1 KiB … 256 MiB")
                 }
                 _ => {}
             }
@@ -284,10 +316,26 @@ impl StationConfig {
         self.gateway().validate()
     }
 
+    /// Push cameras: (name, largest frame in bytes).
+    pub fn push_cameras(&self) -> Vec<(String, usize)> {
+        self.cameras
+            .iter()
+            .filter(|c| c.kind == SourceKind::Push)
+            .map(|c| (c.name.clone(), c.max_bytes))
+            .collect()
+    }
+
     /// The gateway's part of the configuration.
     pub fn gateway(&self) -> GatewayConfig {
+        let mut mqtt = self.mqtt.clone();
+        if let Some(largest) = self.push_cameras().iter().map(|(_, m)| *m).max() {
+            // Room for the frame, the topic and the MQTT header.
+            let needed = largest + 1024;
+            mqtt.max_incoming_bytes
+                .get_or_insert(mqtt.max_packet_bytes.max(needed));
+        }
         GatewayConfig {
-            mqtt: self.mqtt.clone(),
+            mqtt,
             spool: self.spool.clone(),
             samples: self.samples.clone(),
             telemetry: self.telemetry.clone(),

@@ -212,6 +212,15 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
     config.validate()?;
     let broker = broker_address(&mut config)?;
     let (gateway, link, commands) = Gateway::start(config.gateway())?;
+    let push = config.push_cameras();
+    let mut inboxes = if push.is_empty() {
+        std::collections::HashMap::new()
+    } else {
+        let (inbox, receivers) =
+            crate::inbox::FrameInbox::new(&push, config.inspection.queue.max(4));
+        gateway.accept_frames(inbox)?;
+        receivers
+    };
 
     // A deployed (and confirmed) model wins over the configured one.
     let slots = Slots::open(&config.gateway().models_dir())?;
@@ -252,6 +261,16 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
         "watch: neo-gateway watch --broker {broker}   (or: mosquitto_sub -h {} -p {} -t '{base}/#' -v)\nmetrics: {metrics}",
         config.mqtt.host, config.mqtt.port
     );
+    for (name, _) in &push {
+        let http = match &config.telemetry.metrics_addr {
+            Some(a) => format!("curl --data-binary @frame.jpg http://{a}/frames/{name}"),
+            None => "(HTTP off: telemetry.metrics_addr not set)".into(),
+        };
+        eprintln!(
+            "push frames to {name}: mosquitto_pub -h {} -p {} -t '{base}/frames/{name}' -f frame.jpg   or: {http}",
+            config.mqtt.host, config.mqtt.port
+        );
+    }
 
     let sources = config.cameras.len() + config.sensors.len();
     let shared = Arc::new(Shared {
@@ -317,8 +336,10 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
         .cloned()
         .map(|cam| {
             let shared = shared.clone();
-            spawn(&format!("neo-cam-{}", cam.name), move || {
-                capture(shared, cam)
+            let inbox = inboxes.remove(&cam.name);
+            spawn(&format!("neo-cam-{}", cam.name), move || match inbox {
+                Some(rx) => capture_pushed(shared, cam, rx),
+                None => capture(shared, cam),
             })
         })
         .collect::<Result<_>>()?;
@@ -462,6 +483,50 @@ fn capture(shared: Arc<Shared>, cam: config::CameraConfig) {
             image,
             captured: t0,
             captured_ms,
+            capture_ms: t0.elapsed().as_secs_f64() * 1e3,
+            sample,
+        });
+        index += 1;
+    }
+}
+
+/// A push camera: each frame another program sent (MQTT or HTTP) becomes one part. A payload
+/// that is not an image still is a part: it gets the fail-safe verdict and says why.
+fn capture_pushed(
+    shared: Arc<Shared>,
+    cam: config::CameraConfig,
+    rx: mpsc::Receiver<crate::inbox::PushedFrame>,
+) {
+    let mut index = 0u64;
+    let mut triggers_seen = shared.capture_now.load(Ordering::Relaxed);
+    while !shared.stop.load(Ordering::Relaxed) {
+        let pushed = match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(p) => p,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        if shared.paused.load(Ordering::Relaxed) {
+            continue;
+        }
+        let t0 = Instant::now();
+        let image = image::load_from_memory(&pushed.bytes).map_err(|e| {
+            format!(
+                "camera {}: frame pushed over {} is not an image: {e}",
+                cam.name, pushed.via
+            )
+        });
+        let t = shared.capture_now.load(Ordering::Relaxed);
+        let sample = t != triggers_seen;
+        triggers_seen = t;
+        shared.queue.push(Frame {
+            camera: cam.name.clone(),
+            index,
+            name: pushed
+                .name
+                .unwrap_or_else(|| format!("{}-{index}", pushed.via)),
+            image,
+            captured: t0,
+            captured_ms: pushed.received_ms,
             capture_ms: t0.elapsed().as_secs_f64() * 1e3,
             sample,
         });
