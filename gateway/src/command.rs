@@ -45,6 +45,8 @@ pub enum Action {
         name: String,
         path: PathBuf,
         sha256: String,
+        /// The sensor source this model is for; `None`: the vision model.
+        sensor: Option<String>,
     },
 }
 
@@ -240,8 +242,17 @@ impl Dispatcher {
                 "size {size} is outside 1 … {max} bytes (commands.max_model_mb)"
             ));
         }
+        let sensor = match field(body, "sensor") {
+            None => None,
+            Some(Value::String(s)) => {
+                deploy::check_sensor_name(s)?;
+                Some(s.clone())
+            }
+            Some(_) => return Err("\"sensor\" must be a sensor source's name".into()),
+        };
         let spec = DeploySpec {
             name,
+            sensor,
             size,
             sha256: deploy::parse_sha256(&str_field(body, "sha256")?)?,
             signature: deploy::parse_signature(&str_field(body, "signature")?)?,
@@ -383,15 +394,24 @@ impl Dispatcher {
                     .iter()
                     .filter_map(|k| deploy::parse_public_key(k).ok())
                     .collect();
-                let result = Slots::at(&config.models_dir())
-                    .and_then(|slots| slots.install(&spec, &bytes, &keys, deploy::health_check));
+                let dir = deploy::slots_dir(&config.models_dir(), spec.sensor.as_deref());
+                let health = match spec.sensor {
+                    None => deploy::health_check,
+                    Some(_) => deploy::sensor_health_check,
+                };
+                let result =
+                    Slots::at(&dir).and_then(|slots| slots.install(&spec, &bytes, &keys, health));
                 match result {
                     Ok(active) => {
+                        let target = match &spec.sensor {
+                            Some(s) => format!(" for sensor {s}"),
+                            None => String::new(),
+                        };
                         gateway.ack(
                             Some(&id),
                             "deploy",
                             true,
-                            &format!("{} active in slot {}", active.name, active.slot),
+                            &format!("{}{target} active in slot {}", active.name, active.slot),
                         );
                         let _ = tx.blocking_send(Command {
                             id,
@@ -399,6 +419,7 @@ impl Dispatcher {
                                 name: active.name,
                                 path: active.path,
                                 sha256: active.sha256,
+                                sensor: spec.sensor.clone(),
                             },
                         });
                     }

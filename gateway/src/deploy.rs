@@ -109,6 +109,8 @@ pub fn fetch(
 #[derive(Debug, Clone)]
 pub struct DeploySpec {
     pub name: String,
+    /// The sensor source the model is for; `None`: the station's vision model.
+    pub sensor: Option<String>,
     pub size: u64,
     pub sha256: [u8; 32],
     pub signature: Signature,
@@ -169,6 +171,39 @@ pub fn health_check(path: &Path) -> std::result::Result<(), String> {
         if values.iter().any(|v| !v.is_finite()) {
             return Err(format!("output {i} has non-finite values on a blank frame"));
         }
+    }
+    Ok(())
+}
+
+/// A sensor model's health check: it opens, its spec is usable and a monitor can be built.
+pub fn sensor_health_check(path: &Path) -> std::result::Result<(), String> {
+    let artifact = neo_runtime::SensorArtifact::open(path).map_err(|e| e.to_string())?;
+    if artifact.spec().channels.is_empty() {
+        return Err("the sensor model names no channel".into());
+    }
+    artifact.monitor().map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Where the slots of a deployment target live: `models_dir` for the vision model,
+/// `models_dir/sensors/<name>` for a sensor source's model.
+pub fn slots_dir(models_dir: &Path, sensor: Option<&str>) -> PathBuf {
+    match sensor {
+        None => models_dir.to_path_buf(),
+        Some(name) => models_dir.join("sensors").join(name),
+    }
+}
+
+/// A sensor source name as a deployment may give it (it becomes a folder name).
+pub fn check_sensor_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "\"sensor\" = {name:?}: must be a sensor source's name (1-64 letters, digits, - or _)"
+        ));
     }
     Ok(())
 }
@@ -336,6 +371,7 @@ mod tests {
         let digest: [u8; 32] = Sha256::digest(bytes).into();
         DeploySpec {
             name: "det".into(),
+            sensor: None,
             size: bytes.len() as u64,
             sha256: digest,
             signature: key.sign(&digest),

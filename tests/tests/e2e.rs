@@ -434,6 +434,165 @@ ok_fraction = 0.0
             .all(|r| r.data["sensor"] == "pump1" && r.data["score"].as_f64().is_some()));
     }
 
+    /// A station that watches a sensor alone (no camera, no vision model) takes a sensor
+    /// model deployed over MQTT for its source: verified, health-checked, handed to the
+    /// running source, confirmed; readings then name the new model. A vision model deployed
+    /// for that source, and a sensor model for a source the station lacks, are refused and
+    /// rolled back.
+    #[test]
+    fn a_sensor_only_station_takes_a_sensor_model_deployed_for_its_source() {
+        use ed25519_dalek::{Signer, SigningKey};
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        pump_model(&d.join("pump.neo"));
+        let mut opts = super::sensor::options(
+            &repo().join("models/pump-sensor/normal.csv"),
+            &d.join("pump-v2.neo"),
+        );
+        opts.window = Some(5);
+        opts.stats = vec![neo_sensor::features::ProcessStat::Mean];
+        opts.name = Some("pump-v2".into());
+        neoc::sensor::train_sensor(&opts, &neo_boards::Boards::shipped()).unwrap();
+        compiled_classifier(d);
+
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let broker = Broker::start();
+        let sub = Subscriber::start(broker.port, "e2e-sdeploy", "neo/e2e/l1/st1/#");
+        let text = format!(
+            r#"
+[station]
+name = "pumps"
+[[sensors]]
+name = "pump1"
+model = "pump.neo"
+path = "{replay}"
+rate_hz = 400.0
+loop = true
+publish_every = 10
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+site = "e2e"
+line = "l1"
+device = "st1"
+[spool]
+dir = "spool"
+[commands]
+trusted_keys = ["{key}"]
+"#,
+            replay = repo().join("models/pump-sensor/replay.csv").display(),
+            port = broker.port,
+            key = hex::encode(key.verifying_key().to_bytes()),
+        );
+        let config = StationConfig::from_toml(&text, d).unwrap();
+        assert!(config.cameras.is_empty() && config.inspection.is_none());
+        let station = std::thread::spawn(move || {
+            station::run(
+                config,
+                RunOptions {
+                    duration: Some(Duration::from_secs(10)),
+                    ..Default::default()
+                },
+            )
+        });
+        let first = sub.wait_for("sensor", 1, Duration::from_secs(30));
+        assert_eq!(first[0].data["model"], "normal", "{:?}", first[0]);
+
+        let deploy = |id: &str, file: &str, sensor: &str| {
+            let bytes = std::fs::read(d.join(file)).unwrap();
+            let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+            neo_e2e::publish_all(
+                broker.port,
+                vec![(
+                    "neo/e2e/l1/st1/cmd/deploy".into(),
+                    serde_json::json!({
+                        "id": id, "name": file, "size": bytes.len(), "sensor": sensor,
+                        "path": d.join(file),
+                        "sha256": hex::encode(digest),
+                        "signature": hex::encode(key.sign(&digest).to_bytes()),
+                    })
+                    .to_string()
+                    .into_bytes(),
+                )],
+            );
+        };
+        let last_ack = |id: &str, n: usize| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let acks: Vec<serde_json::Value> = sub
+                    .envelopes("ack")
+                    .into_iter()
+                    .map(|e| e.data)
+                    .filter(|a| a["cmd_id"] == id)
+                    .collect();
+                if acks.len() >= n {
+                    return acks[n - 1].clone();
+                }
+                assert!(std::time::Instant::now() < deadline, "{id}: {acks:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        // Installed (first ack), then taken over by the running source (second).
+        deploy("s-1", "pump-v2.neo", "pump1");
+        assert_eq!(last_ack("s-1", 1)["ok"], true);
+        let taken = last_ack("s-1", 2);
+        assert_eq!(taken["ok"], true, "{taken}");
+        assert!(
+            taken["message"]
+                .as_str()
+                .unwrap()
+                .contains("pump-v2 is watching pump1"),
+            "{taken}"
+        );
+        let slots = neo_gateway::deploy::Slots::at(&d.join("spool/models/sensors/pump1")).unwrap();
+        assert!(!slots.on_trial().unwrap());
+        let v2_sha = hex::encode(sha2::Sha256::digest(
+            std::fs::read(d.join("pump-v2.neo")).unwrap(),
+        ));
+        assert_eq!(slots.active().unwrap().unwrap().sha256, v2_sha);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !sub
+            .envelopes("sensor")
+            .iter()
+            .any(|r| r.data["model"] == "pump-v2")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no reading from the new model"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        // A vision model is not a sensor model: its health check refuses it.
+        deploy("s-2", "bottle.neo", "pump1");
+        let refused = last_ack("s-2", 1);
+        assert_eq!(refused["ok"], false, "{refused}");
+        assert!(
+            refused["message"]
+                .as_str()
+                .unwrap()
+                .contains("health check"),
+            "{refused}"
+        );
+        // A source the station does not have: installed, then refused and rolled back.
+        deploy("s-3", "pump.neo", "fan7");
+        let refused = last_ack("s-3", 2);
+        assert_eq!(refused["ok"], false, "{refused}");
+        assert!(
+            refused["message"]
+                .as_str()
+                .unwrap()
+                .contains("no sensor source \"fan7\""),
+            "{refused}"
+        );
+        assert_eq!(slots.active().unwrap().unwrap().sha256, v2_sha);
+
+        let summary = station.join().unwrap().unwrap();
+        assert_eq!(summary.frames, 0);
+        assert!(summary.sensor_windows > 100, "{summary:?}");
+    }
+
     /// `neoc bundle` for the x86_64 board with the real daemon, installed into an empty root
     /// by the bundle's own install script; the installed daemon then runs the station from the
     /// installed files only (its config's /opt/neo and /var/lib/neo prefixed with the root,

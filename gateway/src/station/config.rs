@@ -20,7 +20,9 @@ pub struct StationConfig {
     pub station: StationSection,
     #[serde(default)]
     pub cameras: Vec<CameraConfig>,
-    pub inspection: InspectionConfig,
+    /// The vision model the cameras feed; none for a station that watches sensors only.
+    #[serde(default)]
+    pub inspection: Option<InspectionConfig>,
     /// Sensor sources, each with its sensor model (vibration or process anomaly detection).
     #[serde(default)]
     pub sensors: Vec<SensorSourceConfig>,
@@ -217,7 +219,9 @@ impl StationConfig {
                 *p = base.join(&*p);
             }
         };
-        rebase(&mut c.inspection.model);
+        if let Some(i) = c.inspection.as_mut() {
+            rebase(&mut i.model);
+        }
         rebase(&mut c.spool.dir);
         for cam in &mut c.cameras {
             if let Some(p) = cam.path.as_mut() {
@@ -249,8 +253,26 @@ impl StationConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |key: String, why: &str| Err(GatewayError::Config(format!("{key}: {why}")));
-        if self.cameras.is_empty() {
-            return bad("cameras".into(), "at least one [[cameras]] entry is needed");
+        if self.cameras.is_empty() && self.sensors.is_empty() {
+            return bad(
+                "cameras".into(),
+                "a station needs at least one [[cameras]] or [[sensors]] entry",
+            );
+        }
+        match (&self.inspection, self.cameras.is_empty()) {
+            (None, false) => {
+                return bad(
+                    "inspection".into(),
+                    "cameras need an [inspection] table naming the model",
+                )
+            }
+            (Some(_), true) => {
+                return bad(
+                    "inspection".into(),
+                    "no camera feeds it: add a [[cameras]] entry or remove [inspection]",
+                )
+            }
+            _ => {}
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, cam) in self.cameras.iter().enumerate() {
@@ -292,6 +314,9 @@ impl StationConfig {
             if !sensor_names.insert(s.name.as_str()) {
                 return bad(key("name"), "used twice");
             }
+            if let Err(e) = crate::deploy::check_sensor_name(&s.name) {
+                return bad(key("name"), &e.replace("\"sensor\"", "the name"));
+            }
             if !(s.rate_hz.is_finite() && s.rate_hz > 0.0 && s.rate_hz <= 1_000_000.0) {
                 return bad(
                     key("rate_hz"),
@@ -302,18 +327,25 @@ impl StationConfig {
                 return bad(key("publish_every"), "must be at least 1");
             }
         }
-        if self.inspection.queue == 0 {
-            return bad("inspection.queue".into(), "must be at least 1");
-        }
-        if let Some(t) = self.inspection.threshold {
-            if !(t.is_finite() && t > 0.0) {
-                return bad("inspection.threshold".into(), "must be a positive number");
+        if let Some(inspection) = &self.inspection {
+            if inspection.queue == 0 {
+                return bad("inspection.queue".into(), "must be at least 1");
+            }
+            if let Some(t) = inspection.threshold {
+                if !(t.is_finite() && t > 0.0) {
+                    return bad("inspection.threshold".into(), "must be a positive number");
+                }
             }
         }
         if self.reject.kind == RejectKind::File && self.reject.path.is_none() {
             return bad("reject.path".into(), "kind = \"file\" needs a path");
         }
         self.gateway().validate()
+    }
+
+    /// Frames waiting for inference (1 for a station without cameras).
+    pub fn queue_capacity(&self) -> usize {
+        self.inspection.as_ref().map_or(1, |i| i.queue)
     }
 
     /// Push cameras: (name, largest frame in bytes).
@@ -353,7 +385,7 @@ mod tests {
     fn the_embedded_default_parses() {
         let c = StationConfig::from_toml(DEFAULT_STATION, Path::new("/repo")).unwrap();
         assert_eq!(c.cameras.len(), 1);
-        assert!(c.inspection.model.starts_with("/repo"));
+        assert!(c.inspection.as_ref().unwrap().model.starts_with("/repo"));
         assert_eq!(c.mqtt.host, "embedded");
         assert_eq!(c.sensors.len(), 1);
         assert!(c.sensors[0].path.starts_with("/repo/models"));
@@ -378,5 +410,33 @@ mod tests {
             with("publish_every = 10", "publish_every = 0").contains("sensors[0].publish_every")
         );
         assert!(with("name = \"pump1\"", "name = \"pump1\"\nrate = 3").contains("rate"));
+        assert!(with("name = \"pump1\"", "name = \"pump 1\"").contains("sensors[0].name"));
+        assert!(with("kind = \"folder\"", "kind = \"push\"").contains("cameras[0].path"));
+    }
+
+    /// Cameras need the vision model and the vision model needs a camera; a station without
+    /// either watches its sensors alone.
+    #[test]
+    fn a_station_may_watch_sensors_alone() {
+        let parse = |text: &str| StationConfig::from_toml(text, Path::new("/"));
+        let cut = |text: &str, from: &str, to: &str| -> String {
+            let (a, b) = (text.find(from).unwrap(), text.find(to).unwrap());
+            format!("{}{}", &text[..a], &text[b..])
+        };
+        let no_cameras = cut(DEFAULT_STATION, "[[cameras]]", "[inspection]");
+        let err = parse(&no_cameras).unwrap_err().to_string();
+        assert!(err.contains("inspection: no camera feeds it"), "{err}");
+        let sensors_only = cut(&no_cameras, "[inspection]", "# Sensor sources");
+        let c = parse(&sensors_only).unwrap();
+        assert!(c.cameras.is_empty() && c.inspection.is_none() && c.sensors.len() == 1);
+        let no_inspection = cut(DEFAULT_STATION, "[inspection]", "# Sensor sources");
+        let err = parse(&no_inspection).unwrap_err().to_string();
+        assert!(err.contains("cameras need an [inspection]"), "{err}");
+        let nothing = cut(&sensors_only, "[[sensors]]", "[reject]");
+        let err = parse(&nothing).unwrap_err().to_string();
+        assert!(
+            err.contains("at least one [[cameras]] or [[sensors]]"),
+            "{err}"
+        );
     }
 }

@@ -83,6 +83,8 @@ struct Shared {
     summary: Mutex<Summary>,
     latency: Mutex<[Window; 5]>,
     started: Instant,
+    /// Where a model deployed for a sensor source is handed to its thread.
+    sensor_swaps: Mutex<std::collections::HashMap<String, mpsc::Sender<sensors::SensorSwap>>>,
 }
 
 fn load_model(path: &std::path::Path, threads: Option<usize>) -> Result<LoadedModel, String> {
@@ -104,7 +106,8 @@ impl Shared {
             _ => self
                 .config
                 .inspection
-                .threshold
+                .as_ref()
+                .and_then(|i| i.threshold)
                 .unwrap_or_else(|| parts::default_threshold(kind)),
         }
     }
@@ -217,39 +220,45 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
         std::collections::HashMap::new()
     } else {
         let (inbox, receivers) =
-            crate::inbox::FrameInbox::new(&push, config.inspection.queue.max(4));
+            crate::inbox::FrameInbox::new(&push, config.queue_capacity().max(4));
         gateway.accept_frames(inbox)?;
         receivers
     };
 
     // A deployed (and confirmed) model wins over the configured one.
     let slots = Slots::open(&config.gateway().models_dir())?;
-    let model_path = match slots.active()? {
-        Some(active) => active.path,
-        None => config.inspection.model.clone(),
-    };
-    let model = load_model(&model_path, config.inspection.threads).map(Arc::new);
-    match &model {
-        Ok(m) => eprintln!(
-            "station {}: model {} ({:?}, {} threads) from {}",
-            config.station.name,
-            m.name,
-            m.kind,
-            m.model.threads(),
-            m.path.display()
-        ),
-        Err(e) => {
-            eprintln!(
-                "error: the model {} cannot be used: {e}\n       the station runs in fail-safe mode ({:?}) until a model is deployed",
-                model_path.display(),
-                config.station.fail_safe
-            );
-            gateway.publish(
-                Class::Alarm,
-                json!({ "alarm": "model_unavailable", "model": model_path, "error": e, "fail_safe": format!("{:?}", config.station.fail_safe) }),
-            )?;
+    let model = match &config.inspection {
+        None => Err("this station has no camera".to_string()),
+        Some(inspection) => {
+            let model_path = match slots.active()? {
+                Some(active) => active.path,
+                None => inspection.model.clone(),
+            };
+            let model = load_model(&model_path, inspection.threads).map(Arc::new);
+            match &model {
+                Ok(m) => eprintln!(
+                    "station {}: model {} ({:?}, {} threads) from {}",
+                    config.station.name,
+                    m.name,
+                    m.kind,
+                    m.model.threads(),
+                    m.path.display()
+                ),
+                Err(e) => {
+                    eprintln!(
+                        "error: the model {} cannot be used: {e}\n       the station runs in fail-safe mode ({:?}) until a model is deployed",
+                        model_path.display(),
+                        config.station.fail_safe
+                    );
+                    gateway.publish(
+                        Class::Alarm,
+                        json!({ "alarm": "model_unavailable", "model": model_path, "error": e, "fail_safe": format!("{:?}", config.station.fail_safe) }),
+                    )?;
+                }
+            }
+            model
         }
-    }
+    };
     let metrics = config
         .telemetry
         .metrics_addr
@@ -274,7 +283,7 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
 
     let sources = config.cameras.len() + config.sensors.len();
     let shared = Arc::new(Shared {
-        queue: FrameQueue::new(config.inspection.queue),
+        queue: FrameQueue::new(config.queue_capacity()),
         config,
         gateway: gateway.clone(),
         model: RwLock::new(model),
@@ -286,6 +295,7 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
         summary: Mutex::new(Summary::default()),
         latency: Mutex::new(std::array::from_fn(|_| Window::new(200))),
         started: Instant::now(),
+        sensor_swaps: Mutex::new(std::collections::HashMap::new()),
     });
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -304,28 +314,39 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
         rt.spawn(async move { telemetry_gateway.run_telemetry(telemetry_rx).await });
     rt.spawn(command_loop(shared.clone(), commands, slots));
 
-    let (reject_tx, reject_rx) = mpsc::channel::<(Instant, String)>();
-    let actuator = {
-        let shared = shared.clone();
-        spawn("neo-reject", move || actuator(shared, reject_rx))?
-    };
-    let inspector = {
-        let shared = shared.clone();
+    // Inspection and rejects only where a camera feeds them (a station may watch sensors
+    // alone).
+    let mut vision = Vec::new();
+    if !shared.config.cameras.is_empty() {
+        let (reject_tx, reject_rx) = mpsc::channel::<(Instant, String)>();
+        let s = shared.clone();
+        vision.push(spawn("neo-reject", move || actuator(s, reject_rx))?);
+        let s = shared.clone();
         let print = opts.print;
-        spawn("neo-inspect", move || {
-            inspect_loop(shared, reject_tx, print)
-        })?
-    };
+        vision.push(spawn("neo-inspect", move || {
+            inspect_loop(s, reject_tx, print)
+        })?);
+    }
+    let models_dir = shared.config.gateway().models_dir();
     let sensors: Vec<JoinHandle<()>> = shared
         .config
         .sensors
         .iter()
         .cloned()
         .map(|s| {
+            // A deployed (and confirmed) sensor model wins over the configured one.
+            let slots = Slots::open(&crate::deploy::slots_dir(&models_dir, Some(&s.name)))?;
+            let model = slots.active()?.map_or_else(|| s.model.clone(), |a| a.path);
+            let (swap_tx, swaps) = mpsc::channel();
+            shared
+                .sensor_swaps
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(s.name.clone(), swap_tx);
             let shared = shared.clone();
             let print = opts.print;
             spawn(&format!("neo-sensor-{}", s.name), move || {
-                sensors::sensor_loop(shared, s, print)
+                sensors::sensor_loop(shared, s, model, swaps, print)
             })
         })
         .collect::<Result<_>>()?;
@@ -373,8 +394,9 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
         let _ = c.join();
     }
     shared.queue.close();
-    let _ = inspector.join();
-    let _ = actuator.join();
+    for v in vision {
+        let _ = v.join();
+    }
     gateway.flush()?;
     let _ = stop_tx.send(true);
     let _ = rt.block_on(link_task);
@@ -545,7 +567,8 @@ fn inspect_loop(shared: Arc<Shared>, rejects: mpsc::Sender<(Instant, String)>, p
         let (decision, stages, model_name) = match (&frame.image, &model) {
             (Ok(img), Ok(m)) => {
                 let threshold = shared.threshold(m.kind);
-                match parts::inspect(&m.model, img, threshold, &cfg.inspection.ng_labels) {
+                let ng_labels = cfg.inspection.as_ref().map_or(&[][..], |i| &i.ng_labels);
+                match parts::inspect(&m.model, img, threshold, ng_labels) {
                     Ok((d, stages)) => (d, stages, Some(m.name.clone())),
                     Err(e) => (
                         parts::fail_safe(
@@ -756,8 +779,23 @@ async fn command_loop(shared: Arc<Shared>, mut commands: crate::command::Command
                     "the next frame is sent as a sample",
                 );
             }
+            Action::ModelActivated {
+                path,
+                name,
+                sensor: Some(sensor),
+                ..
+            } => sensor_model_activated(&shared, id, path, name, sensor).await,
+            Action::ModelActivated { name, .. } if shared.config.cameras.is_empty() => {
+                let back = slots.rollback();
+                g.ack(
+                    id,
+                    "deploy",
+                    false,
+                    &format!("{name}: this station has no camera for a vision model (deploy a sensor model with \"sensor\": NAME); rolled back: {back:?}"),
+                );
+            }
             Action::ModelActivated { path, name, .. } => {
-                let threads = shared.config.inspection.threads;
+                let threads = shared.config.inspection.as_ref().and_then(|i| i.threads);
                 let p = path.clone();
                 let loaded = tokio::task::spawn_blocking(move || load_model(&p, threads)).await;
                 match loaded {
@@ -793,6 +831,89 @@ async fn command_loop(shared: Arc<Shared>, mut commands: crate::command::Command
                     }
                 }
             }
+        }
+    }
+}
+
+/// A model deployed for a sensor source: the source's thread opens it and takes over, then
+/// the slot is confirmed; anything else rolls the slot back.
+async fn sensor_model_activated(
+    shared: &Arc<Shared>,
+    id: Option<&str>,
+    path: PathBuf,
+    name: String,
+    sensor: String,
+) {
+    let g = &shared.gateway;
+    let slots = match Slots::at(&crate::deploy::slots_dir(
+        &shared.config.gateway().models_dir(),
+        Some(&sensor),
+    )) {
+        Ok(s) => s,
+        Err(e) => {
+            g.ack(id, "deploy", false, &format!("{name}: {e}"));
+            return;
+        }
+    };
+    let sender = shared
+        .sensor_swaps
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&sensor)
+        .cloned();
+    let answer = match sender {
+        None => {
+            let known: Vec<&str> = shared
+                .config
+                .sensors
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect();
+            Err(format!(
+                "this station has no sensor source {sensor:?} (it has: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ))
+        }
+        Some(tx) => {
+            let (reply, rx) = mpsc::channel();
+            if tx.send(sensors::SensorSwap { path, reply }).is_err() {
+                Err(format!("sensor source {sensor} has stopped"))
+            } else {
+                tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| {
+                        r.map_err(|_| format!("sensor source {sensor} did not answer within 30 s"))
+                    })
+                    .and_then(|r| r)
+            }
+        }
+    };
+    match answer {
+        Ok(model) => {
+            let confirmed = slots.confirm();
+            g.ack(
+                id,
+                "deploy",
+                confirmed.is_ok(),
+                &match confirmed {
+                    Ok(()) => format!("{model} is watching {sensor}"),
+                    Err(e) => format!("{model} watches {sensor} but could not be confirmed: {e}"),
+                },
+            );
+        }
+        Err(why) => {
+            let back = slots.rollback();
+            g.ack(
+                id,
+                "deploy",
+                false,
+                &format!("{name} for sensor {sensor}: {why}; rolled back: {back:?}"),
+            );
         }
     }
 }

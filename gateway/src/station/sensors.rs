@@ -1,30 +1,90 @@
 //! The station's sensor pipeline: each `[[sensors]]` entry replays a recording (CSV or
 //! MATLAB v5; the firmware serial link comes later) through its sensor model, publishes a
 //! `sensor` reading every `publish_every` windows and an `alarm` at every
-//! Healthy/Warning/Alarm change, with the top contributing features.
+//! Healthy/Warning/Alarm change, with the top contributing features. A model deployed for
+//! the source (`cmd/deploy` with `"sensor"`) replaces the running one between two frames, once
+//! it has opened and its channels are in the recording.
 
 use super::config::SensorSourceConfig;
 use super::Shared;
 use crate::message::Class;
 use neo_runtime::sensor::neo_sensor::{self, Event};
 use serde_json::json;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// A deployed model for a running sensor source; the reply is the model's name, or why it
+/// cannot take over.
+pub(super) struct SensorSwap {
+    pub path: PathBuf,
+    pub reply: mpsc::Sender<Result<String, String>>,
+}
+
+/// A sensor model with the recording it watches.
+struct Loaded {
+    name: String,
+    monitor: neo_sensor::Monitor,
+    rec: neo_sensor::recording::Recording,
+}
+
+/// Opens a model and the recording with the model's channels; the error is (alarm, why).
+fn open(cfg: &SensorSourceConfig, model: &Path) -> Result<Loaded, (&'static str, String)> {
+    let unavailable = |e: String| ("sensor_model_unavailable", e);
+    let artifact =
+        neo_runtime::SensorArtifact::open(model).map_err(|e| unavailable(e.to_string()))?;
+    let spec = artifact.spec().clone();
+    let rec = match neo_sensor::recording::load(&cfg.path, Some(&spec.channels)) {
+        Ok(r) if r.frames() > 0 => r,
+        Ok(_) => return Err(("sensor_source_failed", "the recording is empty".into())),
+        Err(e) => return Err(("sensor_source_failed", e.to_string())),
+    };
+    let monitor = artifact.monitor().map_err(|e| unavailable(e.to_string()))?;
+    eprintln!(
+        "sensor {}: model {} ({:?}, {} channels) from {} replaying {} ({} frames at {} frames/s)",
+        cfg.name,
+        artifact.manifest.name,
+        spec.model,
+        spec.channels.len(),
+        model.display(),
+        cfg.path.display(),
+        rec.frames(),
+        cfg.rate_hz
+    );
+    Ok(Loaded {
+        name: artifact.manifest.name.clone(),
+        monitor,
+        rec,
+    })
+}
+
 /// Runs one sensor source until the station stops or a non-looping replay ends. Errors
 /// (model or recording unusable) are published as alarms and end this source only.
-pub(super) fn sensor_loop(shared: Arc<Shared>, cfg: SensorSourceConfig, print: bool) {
+pub(super) fn sensor_loop(
+    shared: Arc<Shared>,
+    cfg: SensorSourceConfig,
+    model: PathBuf,
+    swaps: mpsc::Receiver<SensorSwap>,
+    print: bool,
+) {
     // Only a replay that reached its end counts as finished for the station's stop rule; a
     // failed source has raised its alarm and must not stop the station (under systemd that
     // would become a restart loop).
-    if run_source(&shared, &cfg, print) {
+    if run_source(&shared, &cfg, &model, &swaps, print) {
         shared.source_ended();
     }
 }
 
 /// Runs the source; true when a non-looping replay reached its end.
-fn run_source(shared: &Arc<Shared>, cfg: &SensorSourceConfig, print: bool) -> bool {
+fn run_source(
+    shared: &Arc<Shared>,
+    cfg: &SensorSourceConfig,
+    model: &Path,
+    swaps: &mpsc::Receiver<SensorSwap>,
+    print: bool,
+) -> bool {
     let fail = |what: &str, error: String| {
         eprintln!("error: sensor {}: {what}: {error}", cfg.name);
         let _ = shared.gateway.publish(
@@ -32,42 +92,17 @@ fn run_source(shared: &Arc<Shared>, cfg: &SensorSourceConfig, print: bool) -> bo
             json!({"alarm": what, "sensor": cfg.name, "error": error}),
         );
     };
-    let artifact = match neo_runtime::SensorArtifact::open(&cfg.model) {
-        Ok(a) => a,
-        Err(e) => {
-            fail("sensor_model_unavailable", e.to_string());
+    let Loaded {
+        mut name,
+        mut monitor,
+        mut rec,
+    } = match open(cfg, model) {
+        Ok(l) => l,
+        Err((what, e)) => {
+            fail(what, e);
             return false;
         }
     };
-    let spec = artifact.spec().clone();
-    let rec = match neo_sensor::recording::load(&cfg.path, Some(&spec.channels)) {
-        Ok(r) if r.frames() > 0 => r,
-        Ok(_) => {
-            fail("sensor_source_failed", "the recording is empty".into());
-            return false;
-        }
-        Err(e) => {
-            fail("sensor_source_failed", e.to_string());
-            return false;
-        }
-    };
-    let mut monitor = match artifact.monitor() {
-        Ok(m) => m,
-        Err(e) => {
-            fail("sensor_model_unavailable", e.to_string());
-            return false;
-        }
-    };
-    eprintln!(
-        "sensor {}: model {} ({:?}, {} channels) replaying {} ({} frames at {} frames/s)",
-        cfg.name,
-        artifact.manifest.name,
-        spec.model,
-        spec.channels.len(),
-        cfg.path.display(),
-        rec.frames(),
-        cfg.rate_hz
-    );
     let period = Duration::from_secs_f64(1.0 / cfg.rate_hz);
     let mut next = Instant::now();
     let mut windows = 0u64;
@@ -93,6 +128,22 @@ fn run_source(shared: &Arc<Shared>, cfg: &SensorSourceConfig, print: bool) -> bo
         None => (0.0, 0.0),
     };
     while !shared.stop.load(Ordering::Relaxed) {
+        if let Ok(swap) = swaps.try_recv() {
+            match open(cfg, &swap.path) {
+                Ok(new) => {
+                    // The new model starts on a fresh window; the replay goes on where it is
+                    // when the recording is the same length (it is the same file).
+                    let _ = swap.reply.send(Ok(new.name.clone()));
+                    if new.rec.frames() != rec.frames() {
+                        i = 0;
+                    }
+                    (name, monitor, rec) = (new.name, new.monitor, new.rec);
+                }
+                Err((_, e)) => {
+                    let _ = swap.reply.send(Err(e));
+                }
+            }
+        }
         if i == rec.frames() {
             if !cfg.repeat {
                 break;
@@ -108,6 +159,7 @@ fn run_source(shared: &Arc<Shared>, cfg: &SensorSourceConfig, print: bool) -> bo
                 windows += 1;
                 let reading = json!({
                     "sensor": cfg.name,
+                    "model": name,
                     "window_end": a.end,
                     "health": a.transition.health.as_str(),
                     "score": a.score.normalized,
