@@ -1164,3 +1164,74 @@ fn a_model_deployed_by_url_over_http_and_https() {
     .unwrap_err();
     assert!(err.contains("cannot download"), "{err}");
 }
+
+/// A station whose reject line or trigger input is on a GPIO chip the board does not have
+/// does not start (it could not reject NG parts): the daemon exits non-zero and says which
+/// key and what to check.
+#[test]
+fn a_station_with_a_gpio_chip_the_board_lacks_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::fs::copy(
+        repo.join("models/fixtures/tiny_conv.neo"),
+        dir.path().join("bottle.neo"),
+    )
+    .unwrap();
+    let station = |camera_extra: &str, reject: &str| {
+        format!(
+            r#"
+[station]
+name = "gpio"
+[[cameras]]
+name = "cam0"
+path = "{samples}"
+{camera_extra}
+[inspection]
+model = "bottle.neo"
+[reject]
+{reject}
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+site = "site"
+line = "line"
+device = "gpiodev"
+[spool]
+dir = "spool"
+"#,
+            samples = repo.join("models/samples").display(),
+            port = free_port(),
+        )
+    };
+    for (text, expected) in [
+        (
+            station(
+                "",
+                "kind = \"gpio\"\nchip = \"/dev/gpiochip-none\"\nline = 27",
+            ),
+            "reject.chip /dev/gpiochip-none",
+        ),
+        (
+            station(
+                "trigger = \"gpio\"\ngpio = { chip = \"/dev/gpiochip-none\", line = 17 }",
+                "kind = \"log\"",
+            ),
+            "cameras[cam0].gpio.chip /dev/gpiochip-none",
+        ),
+        (
+            station("", "kind = \"gpio\"\nline = 27"),
+            "kind = \"gpio\" needs chip",
+        ),
+    ] {
+        let config = dir.path().join("station.toml");
+        std::fs::write(&config, text).unwrap();
+        let out = Command::new(gateway_bin())
+            .args(["run", "--quiet", "--duration", "10", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started anyway: {stderr}");
+        assert!(stderr.contains(expected), "{expected:?} not in: {stderr}");
+    }
+}

@@ -102,6 +102,9 @@ pub struct CameraConfig {
     pub repeat: bool,
     #[serde(default)]
     pub trigger: Trigger,
+    /// `trigger = "gpio"`: the input line.
+    #[serde(default)]
+    pub gpio: Option<GpioTrigger>,
     /// `push`: the largest frame accepted, bytes.
     #[serde(default = "default_push_max_bytes")]
     pub max_bytes: usize,
@@ -133,6 +136,36 @@ pub enum Trigger {
     FreeRun,
     /// A frame when the `capture_now` command arrives.
     Software,
+    /// A frame per edge on a GPIO input (`gpio = { chip, line, edge, debounce_ms }`): a light
+    /// barrier or a PLC output saying a part is in front of the camera.
+    Gpio,
+}
+
+/// The GPIO input that triggers a camera.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpioTrigger {
+    /// The character device, e.g. `/dev/gpiochip0`.
+    pub chip: PathBuf,
+    /// The line offset on that chip (the board profile's `trigger_line`).
+    pub line: u32,
+    #[serde(default)]
+    pub edge: Edge,
+    /// Edges closer than this to the last accepted one are bounce.
+    #[serde(default = "default_debounce")]
+    pub debounce_ms: u64,
+}
+
+fn default_debounce() -> u64 {
+    20
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Edge {
+    #[default]
+    Rising,
+    Falling,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -169,6 +202,15 @@ pub struct RejectConfig {
     pub delay_ms: u64,
     #[serde(default = "default_pulse")]
     pub pulse_ms: u64,
+    /// `gpio`: the character device, e.g. `/dev/gpiochip0`.
+    #[serde(default)]
+    pub chip: Option<PathBuf>,
+    /// `gpio`: the line offset on that chip (the board page lists the header pin's).
+    #[serde(default)]
+    pub line: Option<u32>,
+    /// `gpio`: the ejector fires on a low level.
+    #[serde(default)]
+    pub active_low: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -179,6 +221,8 @@ pub enum RejectKind {
     Log,
     /// Append each pulse to `path` as a JSON line (tests, or a PLC bridge watching the file).
     File,
+    /// Pulse `line` of the GPIO character device `chip` (the board profile's `[gpio]`).
+    Gpio,
 }
 
 impl Default for RejectConfig {
@@ -188,6 +232,9 @@ impl Default for RejectConfig {
             path: None,
             delay_ms: default_delay(),
             pulse_ms: default_pulse(),
+            chip: None,
+            line: None,
+            active_low: false,
         }
     }
 }
@@ -307,6 +354,16 @@ impl StationConfig {
                 }
                 _ => {}
             }
+            match (cam.trigger, &cam.gpio) {
+                (Trigger::Gpio, None) => {
+                    return bad(
+                        key("gpio"),
+                        "trigger = \"gpio\" needs gpio = { chip = \"/dev/gpiochip0\", line = N }",
+                    )
+                }
+                (Trigger::Gpio, Some(_)) | (_, None) => {}
+                (_, Some(_)) => return bad(key("gpio"), "is only used with trigger = \"gpio\""),
+            }
         }
         let mut sensor_names = std::collections::BTreeSet::new();
         for (i, s) in self.sensors.iter().enumerate() {
@@ -339,6 +396,14 @@ impl StationConfig {
         }
         if self.reject.kind == RejectKind::File && self.reject.path.is_none() {
             return bad("reject.path".into(), "kind = \"file\" needs a path");
+        }
+        if self.reject.kind == RejectKind::Gpio
+            && (self.reject.chip.is_none() || self.reject.line.is_none())
+        {
+            return bad(
+                "reject".into(),
+                "kind = \"gpio\" needs chip (e.g. \"/dev/gpiochip0\") and line (the board profile's [gpio] reject_line)",
+            );
         }
         self.gateway().validate()
     }

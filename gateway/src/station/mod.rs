@@ -7,6 +7,7 @@
 //! conveyor delay. Commands (pause, threshold, capture now, new model) arrive from the gateway.
 
 pub mod config;
+pub mod gpio;
 pub mod parts;
 mod sensors;
 
@@ -317,10 +318,30 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
     // Inspection and rejects only where a camera feeds them (a station may watch sensors
     // alone).
     let mut vision = Vec::new();
+    // GPIO first: a trigger input or reject line that cannot be opened stops the start
+    // before any thread runs.
+    let mut edges = std::collections::HashMap::new();
+    for cam in &shared.config.cameras {
+        if let Some(g) = cam.gpio.as_ref().filter(|_| cam.trigger == Trigger::Gpio) {
+            let counter = Arc::new(AtomicU64::new(0));
+            gpio::spawn_trigger(
+                &cam.name,
+                &g.chip,
+                g.line,
+                g.edge,
+                Duration::from_millis(g.debounce_ms),
+                counter.clone(),
+            )
+            .map_err(GatewayError::Config)?;
+            edges.insert(cam.name.clone(), counter);
+        }
+    }
     if !shared.config.cameras.is_empty() {
+        let out = parts::reject_output(&shared.config.reject).map_err(GatewayError::Config)?;
+        eprintln!("reject output: {}", out.describe());
         let (reject_tx, reject_rx) = mpsc::channel::<(Instant, String)>();
         let s = shared.clone();
-        vision.push(spawn("neo-reject", move || actuator(s, reject_rx))?);
+        vision.push(spawn("neo-reject", move || actuator(s, out, reject_rx))?);
         let s = shared.clone();
         let print = opts.print;
         vision.push(spawn("neo-inspect", move || {
@@ -358,9 +379,10 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
         .map(|cam| {
             let shared = shared.clone();
             let inbox = inboxes.remove(&cam.name);
+            let edges = edges.remove(&cam.name).unwrap_or_default();
             spawn(&format!("neo-cam-{}", cam.name), move || match inbox {
                 Some(rx) => capture_pushed(shared, cam, rx),
-                None => capture(shared, cam),
+                None => capture(shared, cam, &edges),
             })
         })
         .collect::<Result<_>>()?;
@@ -428,7 +450,8 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
         })
 }
 
-fn capture(shared: Arc<Shared>, cam: config::CameraConfig) {
+/// A folder camera. `edges`: debounced GPIO trigger edges (`trigger = "gpio"`), one frame each.
+fn capture(shared: Arc<Shared>, cam: config::CameraConfig, edges: &AtomicU64) {
     let Some(path) = cam.path.clone() else { return };
     let mut source = parts::FolderSource::new(&path, cam.repeat);
     let period = Duration::from_secs_f64(1.0 / cam.fps);
@@ -436,9 +459,21 @@ fn capture(shared: Arc<Shared>, cam: config::CameraConfig) {
     let mut index = 0u64;
     let mut failing: Option<String> = None;
     let mut triggers_seen = shared.capture_now.load(Ordering::Relaxed);
+    let mut edges_taken = edges.load(Ordering::Relaxed);
     while !shared.stop.load(Ordering::Relaxed) {
         let mut sample = false;
         match cam.trigger {
+            Trigger::Gpio => {
+                // One frame per edge, none skipped when edges come faster than frames.
+                if edges.load(Ordering::Relaxed) == edges_taken {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                edges_taken += 1;
+                let t = shared.capture_now.load(Ordering::Relaxed);
+                sample = t != triggers_seen;
+                triggers_seen = t;
+            }
             Trigger::FreeRun => {
                 let now = Instant::now();
                 if now < next_due {
@@ -718,8 +753,11 @@ fn inspect_loop(shared: Arc<Shared>, rejects: mpsc::Sender<(Instant, String)>, p
     }
 }
 
-fn actuator(shared: Arc<Shared>, rx: mpsc::Receiver<(Instant, String)>) {
-    let mut out = parts::reject_output(&shared.config.reject);
+fn actuator(
+    shared: Arc<Shared>,
+    mut out: Box<dyn parts::RejectOutput>,
+    rx: mpsc::Receiver<(Instant, String)>,
+) {
     let pulse = Duration::from_millis(shared.config.reject.pulse_ms);
     // Pulses come in capture order with one delay, so they are due in order.
     while let Ok((due, part)) = rx.recv() {

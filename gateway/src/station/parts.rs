@@ -349,11 +349,18 @@ impl RejectOutput for FileReject {
     }
 }
 
-pub fn reject_output(config: &RejectConfig) -> Box<dyn RejectOutput> {
-    match (config.kind, &config.path) {
-        (RejectKind::File, Some(path)) => Box::new(FileReject { path: path.clone() }),
-        _ => Box::new(LogReject),
-    }
+/// The configured reject output; a GPIO line that cannot be opened is an error (a station
+/// that cannot reject must not pass parts as if it could).
+pub fn reject_output(config: &RejectConfig) -> Result<Box<dyn RejectOutput>, String> {
+    Ok(
+        match (config.kind, &config.path, &config.chip, config.line) {
+            (RejectKind::File, Some(path), _, _) => Box::new(FileReject { path: path.clone() }),
+            (RejectKind::Gpio, _, Some(chip), Some(line)) => {
+                Box::new(super::gpio::open_reject(chip, line, config.active_low)?)
+            }
+            _ => Box::new(LogReject),
+        },
+    )
 }
 
 /// Latency percentiles over the last frames.
