@@ -432,6 +432,12 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
+# The daemon says READY=1 once its station runs and pings the watchdog while its stages make
+# progress; three stalls in a row (station.stall_s each) stop the pings and systemd restarts it.
+Type=notify
+NotifyAccess=main
+WatchdogSec=60
+TimeoutStartSec=120
 ExecStart=/opt/neo/bin/neo-gateway run --quiet --config /etc/neo/station.toml
 WorkingDirectory=/var/lib/neo
 StateDirectory=neo

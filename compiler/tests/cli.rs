@@ -958,26 +958,31 @@ fn bundle_refuses_a_daemon_or_model_for_another_board() {
     assert!(!out.exists(), "nothing written on refusal");
 }
 
-/// The gateway's tests deploy `models/fixtures/tiny_conv.neo` (so they need no ONNX compiler,
-/// also when cross-built for ARM): it must be exactly what this neoc compiles.
+/// The gateway's tests deploy `models/fixtures/tiny_conv.neo` and run the station on
+/// `models/fixtures/slow_matmul.neo` (so they need no ONNX compiler, also when cross-built for
+/// ARM): each must be exactly what this neoc compiles.
 #[test]
-fn the_shipped_compiled_fixture_is_current() {
+fn the_shipped_compiled_fixtures_are_current() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("tiny_conv.neo");
-    let (code, _, stderr) = neoc(&[
-        "compile",
-        path_str(&repo().join("models/fixtures/tiny_conv.onnx")),
-        "--target",
-        "x86_64",
-        "-o",
-        path_str(&out),
-    ]);
-    assert_eq!(code, 0, "{stderr}");
-    assert!(
-        std::fs::read(&out).unwrap() == std::fs::read(repo().join("models/fixtures/tiny_conv.neo")).unwrap(),
-        "models/fixtures/tiny_conv.neo is stale: regenerate it with \
-         `neoc compile models/fixtures/tiny_conv.onnx --target x86_64 -o models/fixtures/tiny_conv.neo`"
-    );
+    for (name, extra) in [
+        ("tiny_conv", &[][..]),
+        ("slow_matmul", &["--scale", "0.00392157"][..]),
+    ] {
+        let out = dir.path().join(format!("{name}.neo"));
+        let onnx = repo().join(format!("models/fixtures/{name}.onnx"));
+        let mut args = vec!["compile", path_str(&onnx), "--target", "x86_64"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-o", path_str(&out)]);
+        let (code, _, stderr) = neoc(&args);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(
+            std::fs::read(&out).unwrap()
+                == std::fs::read(repo().join(format!("models/fixtures/{name}.neo"))).unwrap(),
+            "models/fixtures/{name}.neo is stale: regenerate it with \
+             `neoc compile models/fixtures/{name}.onnx --target x86_64 {} -o models/fixtures/{name}.neo`",
+            extra.join(" ")
+        );
+    }
 }
 
 /// Thirty calibration images from the shipped samples (all five, each mirrored, rotated and

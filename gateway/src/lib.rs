@@ -19,6 +19,7 @@ pub mod samples;
 pub mod session;
 pub mod spool;
 pub mod station;
+pub mod systemd;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -103,6 +104,9 @@ pub(crate) struct Shared {
     pub app_metrics: Mutex<Vec<(String, f64)>>,
     /// Inboxes of the station's push cameras, once it has set them up.
     pub inbox: std::sync::OnceLock<inbox::FrameInbox>,
+    /// What the application reports as wrong (a stalled stage, no usable model, a failing
+    /// camera), by what; `/healthz` answers 503 while any is set.
+    pub problems: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 /// The producer handle. Clone it into every thread that produces results.
@@ -148,6 +152,7 @@ impl Gateway {
             started: Instant::now(),
             app_metrics: Mutex::new(Vec::new()),
             inbox: std::sync::OnceLock::new(),
+            problems: Mutex::new(std::collections::BTreeMap::new()),
         });
         let (ops, rx) = mpsc::sync_channel(WRITER_QUEUE);
         let writer_shared = shared.clone();
@@ -294,6 +299,33 @@ impl Gateway {
             .inbox
             .set(inbox)
             .map_err(|_| GatewayError::Config("frame inboxes are already set".into()))
+    }
+
+    /// Reports (`Some(why)`) or clears (`None`) a problem of the application's; `/healthz`
+    /// is 503 and lists them while any is set.
+    pub fn set_problem(&self, what: &str, problem: Option<String>) {
+        let mut p = self
+            .shared
+            .problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match problem {
+            Some(why) => {
+                p.insert(what.to_string(), why);
+            }
+            None => {
+                p.remove(what);
+            }
+        }
+    }
+
+    /// The problems set with [`Gateway::set_problem`].
+    pub fn problems(&self) -> std::collections::BTreeMap<String, String> {
+        self.shared
+            .problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn uptime(&self) -> Duration {

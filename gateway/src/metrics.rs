@@ -79,6 +79,7 @@ impl Gateway {
             "app": app,
             "versions": {"neo-gateway": env!("CARGO_PKG_VERSION"), "tract": neo_runtime::TRACT_VERSION},
             "model": crate::deploy::Slots::peek(&self.config().models_dir()).ok().flatten(),
+            "problems": self.problems(),
             "pushed_frames": self.shared().inbox.get().map(|i| json!({
                 "received": i.received.load(Ordering::Relaxed),
                 "refused": i.refused.load(Ordering::Relaxed),
@@ -313,11 +314,14 @@ impl Gateway {
             }
             (_, "/metrics") => ("200 OK", "text/plain; version=0.0.4", self.prometheus()),
             (_, "/healthz") => {
-                let ok = self.stats().spool_errors.load(Ordering::Relaxed) == 0;
+                let problems = self.problems();
+                let ok =
+                    self.stats().spool_errors.load(Ordering::Relaxed) == 0 && problems.is_empty();
                 let body = json!({
                     "ok": ok,
                     "connected": self.stats().connected.load(Ordering::Relaxed),
                     "spool_queued": self.spool().queued(),
+                    "problems": problems,
                 })
                 .to_string();
                 (

@@ -1235,3 +1235,134 @@ dir = "spool"
         assert!(stderr.contains(expected), "{expected:?} not in: {stderr}");
     }
 }
+
+/// The watchdog: a model run that takes far longer than `station.stall_s` (the shipped
+/// `slow_matmul` fixture, about 0.8 s a frame, against 0.2 s) gives each stuck part its
+/// fail-safe verdict and reject pulse, raises `stage_stuck`, restarts the worker, and turns
+/// `/healthz` to 503; under systemd the daemon says READY=1 and pings the watchdog.
+#[test]
+fn a_stalled_inspection_gets_fail_safe_verdicts_alarms_and_a_fresh_worker() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::fs::copy(
+        repo.join("models/fixtures/slow_matmul.neo"),
+        d.join("slow.neo"),
+    )
+    .unwrap();
+    std::fs::create_dir(d.join("frames")).unwrap();
+    for name in [
+        "bottle_good_000.png",
+        "bottle_good_003.png",
+        "bottle_broken_large_000.png",
+    ] {
+        std::fs::copy(
+            repo.join("models/samples").join(name),
+            d.join("frames").join(name),
+        )
+        .unwrap();
+    }
+    let broker = Broker::start();
+    let sub = Subscriber::start(broker.port, "stall-sub", "neo/site/line/stalldev/#");
+    let http = free_port();
+    std::fs::write(
+        d.join("station.toml"),
+        format!(
+            r#"
+[station]
+name = "stall"
+stall_s = 0.2
+[[cameras]]
+name = "cam0"
+path = "frames"
+fps = 2.0
+loop = false
+[inspection]
+model = "slow.neo"
+[reject]
+kind = "file"
+path = "rejects.jsonl"
+delay_ms = 0
+pulse_ms = 1
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+site = "site"
+line = "line"
+device = "stalldev"
+[spool]
+dir = "spool"
+[telemetry]
+metrics_addr = "127.0.0.1:{http}"
+"#,
+            port = broker.port
+        ),
+    )
+    .unwrap();
+    let notify = UnixDatagram::bind(d.join("notify.sock")).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut child = Command::new(gateway_bin())
+        .args(["run", "--quiet", "--duration", "60", "--config"])
+        .arg(d.join("station.toml"))
+        .env("NOTIFY_SOCKET", d.join("notify.sock"))
+        .env("WATCHDOG_USEC", "200000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = Vec::new();
+    let mut unhealthy = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the station did not stop");
+        let mut buf = [0u8; 256];
+        if let Ok(n) = notify.recv(&mut buf) {
+            said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        if unhealthy.is_none() {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", http)) {
+                use std::io::{Read, Write};
+                let _ = write!(s, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n");
+                let mut answer = String::new();
+                let _ = s.read_to_string(&mut answer);
+                if answer.starts_with("HTTP/1.1 503") {
+                    unhealthy = Some(answer);
+                }
+            }
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(said.iter().any(|m| m.contains("READY=1")), "{said:?}");
+    assert!(said.iter().any(|m| m == "WATCHDOG=1"), "{said:?}");
+    let unhealthy = unhealthy.expect("/healthz never said 503");
+    assert!(unhealthy.contains("inspection stalled"), "{unhealthy}");
+
+    let results = sub.wait_for("inspection", 3, Duration::from_secs(10));
+    assert_eq!(results.len(), 3, "one result per part: {results:?}");
+    for r in &results {
+        assert_eq!(r.data["verdict"], "NG", "{:?}", r.data);
+        assert_eq!(r.data["fail_safe"], true);
+        assert!(
+            r.data["reason"]
+                .as_str()
+                .unwrap()
+                .contains("inspection stalled"),
+            "{:?}",
+            r.data
+        );
+    }
+    let alarms = sub.wait_for("alarm", 3, Duration::from_secs(5));
+    let stuck = alarms
+        .iter()
+        .filter(|a| a.data["alarm"] == "stage_stuck")
+        .count();
+    assert_eq!(stuck, 3, "{alarms:?}");
+    let pulses = std::fs::read_to_string(d.join("rejects.jsonl")).unwrap();
+    assert_eq!(pulses.lines().count(), 3, "{pulses}");
+    assert!(log.contains("inspection stalled"), "{log}");
+}

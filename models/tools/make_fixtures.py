@@ -72,4 +72,39 @@ graph = helper.make_graph(
 m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="neo fixtures")
 m.ir_version = 8
 onnx.save(m, os.path.join(OUT, "outlier_weights.onnx"))
+# A classifier whose every run is deliberately slow (no weights: an 8x8 frame tiled into a
+# 2048 x 1536 matrix, then eight 2048^3 matrix products, about 150 GFLOP): the station's
+# watchdog tests need a stage that stalls.
+scale = numpy_helper.from_array(np.array(1.0 / 2048, np.float32), "scale")
+repeats = numpy_helper.from_array(np.array([2048, 8], np.int64), "repeats")
+flat_shape = numpy_helper.from_array(np.array([1, 192], np.int64), "flat_shape")
+nodes = [
+    helper.make_node("Reshape", ["x", "flat_shape"], ["flat"]),
+    helper.make_node("Tile", ["flat", "repeats"], ["a"]),
+    helper.make_node("Transpose", ["a"], ["at"], perm=[1, 0]),
+    helper.make_node("MatMul", ["a", "at"], ["m0r"]),
+    helper.make_node("Mul", ["m0r", "scale"], ["m0"]),
+]
+prev = "m0"
+for i in range(1, 9):
+    nodes += [
+        helper.make_node("MatMul", [prev, prev], [f"m{i}r"]),
+        helper.make_node("Mul", [f"m{i}r", "scale"], [f"m{i}"]),
+    ]
+    prev = f"m{i}"
+nodes += [
+    helper.make_node("ReduceMean", [prev], ["mean"], axes=[0, 1], keepdims=1),
+    helper.make_node("Neg", ["mean"], ["neg"]),
+    helper.make_node("Concat", ["mean", "neg"], ["y"], axis=1),
+]
+graph = helper.make_graph(
+    nodes, "slow_matmul",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+    [scale, repeats, flat_shape],
+)
+m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="neo fixtures")
+m.ir_version = 8
+onnx.save(m, os.path.join(OUT, "slow_matmul.onnx"))
+
 print(sorted(os.listdir(OUT)))

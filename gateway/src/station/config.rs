@@ -73,6 +73,14 @@ pub struct StationSection {
     /// What every part gets while the model or the camera is unusable.
     #[serde(default)]
     pub fail_safe: FailSafe,
+    /// Watchdog: a frame held by the inspection stage longer than this gets the fail-safe
+    /// verdict, an alarm goes out and the stage is restarted.
+    #[serde(default = "default_stall")]
+    pub stall_s: f64,
+}
+
+fn default_stall() -> f64 {
+    30.0
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -300,6 +308,9 @@ impl StationConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |key: String, why: &str| Err(GatewayError::Config(format!("{key}: {why}")));
+        if !(self.station.stall_s.is_finite() && (0.1..=3600.0).contains(&self.station.stall_s)) {
+            return bad("station.stall_s".into(), "must be 0.1 … 3600 seconds");
+        }
         if self.cameras.is_empty() && self.sensors.is_empty() {
             return bad(
                 "cameras".into(),

@@ -10,6 +10,7 @@ pub mod config;
 pub mod gpio;
 pub mod parts;
 mod sensors;
+mod watchdog;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -84,6 +85,11 @@ struct Shared {
     summary: Mutex<Summary>,
     latency: Mutex<[Window; 5]>,
     started: Instant,
+    /// The inspection stage's watchdog, the current worker, and whether the vision threads
+    /// are done (set at shutdown once the last worker has drained the queue).
+    watch: watchdog::Watch,
+    inspector: Mutex<Option<JoinHandle<()>>>,
+    vision_done: AtomicBool,
     /// Where a model deployed for a sensor source is handed to its thread.
     sensor_swaps: Mutex<std::collections::HashMap<String, mpsc::Sender<sensors::SensorSwap>>>,
 }
@@ -255,6 +261,7 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
                         Class::Alarm,
                         json!({ "alarm": "model_unavailable", "model": model_path, "error": e, "fail_safe": format!("{:?}", config.station.fail_safe) }),
                     )?;
+                    gateway.set_problem("model", Some(format!("{}: {e}", model_path.display())));
                 }
             }
             model
@@ -297,6 +304,9 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
         latency: Mutex::new(std::array::from_fn(|_| Window::new(200))),
         started: Instant::now(),
         sensor_swaps: Mutex::new(std::collections::HashMap::new()),
+        watch: watchdog::Watch::default(),
+        inspector: Mutex::new(None),
+        vision_done: AtomicBool::new(false),
     });
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -344,8 +354,12 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
         vision.push(spawn("neo-reject", move || actuator(s, out, reject_rx))?);
         let s = shared.clone();
         let print = opts.print;
-        vision.push(spawn("neo-inspect", move || {
-            inspect_loop(s, reject_tx, print)
+        let tx = reject_tx.clone();
+        *shared.inspector.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(spawn("neo-inspect", move || inspect_loop(s, tx, print, 0))?);
+        let s = shared.clone();
+        vision.push(spawn("neo-watchdog", move || {
+            watchdog_loop(s, reject_tx, print)
         })?);
     }
     let models_dir = shared.config.gateway().models_dir();
@@ -387,11 +401,24 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
         })
         .collect::<Result<_>>()?;
 
-    // Wait for a signal or a limit.
+    // Wait for a signal or a limit; under systemd, say ready and ping its watchdog while the
+    // inspection stage makes progress (after three stalls in a row without a frame decided in
+    // time, the pings stop and systemd restarts the daemon).
     let deadline = opts.duration.map(|d| Instant::now() + d);
+    crate::systemd::notify("READY=1\nSTATUS=inspecting");
+    let ping_every = crate::systemd::watchdog_interval().map(|d| d / 2);
+    let mut next_ping = Instant::now();
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         loop {
+            if let Some(every) = ping_every {
+                if Instant::now() >= next_ping
+                    && shared.watch.stalls_in_a_row.load(Ordering::Relaxed) < 3
+                {
+                    crate::systemd::notify("WATCHDOG=1");
+                    next_ping = Instant::now() + every;
+                }
+            }
             let frames = shared.summary().frames;
             if opts.max_frames.is_some_and(|m| frames >= m)
                 || deadline.is_some_and(|d| Instant::now() >= d)
@@ -412,10 +439,34 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
     // Graceful stop: no new frames, finish the queued ones, fire due pulses, flush the spool,
     // send what the broker will take, say offline.
     shared.stop.store(true, Ordering::Relaxed);
+    crate::systemd::notify("STOPPING=1");
     for c in cameras.into_iter().chain(sensors) {
         let _ = c.join();
     }
     shared.queue.close();
+    // The current worker drains the queue; the watchdog may replace a stuck one meanwhile,
+    // so wait for whichever is current (a stuck one left behind is not waited for).
+    let drain_deadline = Instant::now()
+        + Duration::from_secs_f64(shared.config.station.stall_s * 2.0 + 5.0)
+        + Duration::from_secs_f64(shared.queue.len() as f64 * shared.config.station.stall_s);
+    loop {
+        let current = shared
+            .inspector
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(worker) = current else { break };
+        while !worker.is_finished() && Instant::now() < drain_deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if worker.is_finished() {
+            let _ = worker.join();
+        } else {
+            eprintln!("warning: the inspection worker did not finish; leaving it behind");
+            break;
+        }
+    }
+    shared.vision_done.store(true, Ordering::Relaxed);
     for v in vision {
         let _ = v.join();
     }
@@ -509,6 +560,9 @@ fn capture(shared: Arc<Shared>, cam: config::CameraConfig, edges: &AtomicU64) {
             Ok(Some((name, img))) => {
                 if let Some(why) = failing.take() {
                     eprintln!("camera {}: recovered (was: {why})", cam.name);
+                    shared
+                        .gateway
+                        .set_problem(&format!("camera {}", cam.name), None);
                     let _ = shared.gateway.publish(
                         Class::Alarm,
                         json!({ "alarm": "camera_recovered", "camera": cam.name }),
@@ -524,6 +578,9 @@ fn capture(shared: Arc<Shared>, cam: config::CameraConfig, edges: &AtomicU64) {
             Err(e) => {
                 if failing.is_none() {
                     eprintln!("camera {}: {e}", cam.name);
+                    shared
+                        .gateway
+                        .set_problem(&format!("camera {}", cam.name), Some(e.clone()));
                     let _ = shared.gateway.publish(
                         Class::Alarm,
                         json!({ "alarm": "camera_failed", "camera": cam.name, "error": e, "fail_safe": format!("{:?}", shared.config.station.fail_safe) }),
@@ -591,13 +648,21 @@ fn capture_pushed(
     }
 }
 
-fn inspect_loop(shared: Arc<Shared>, rejects: mpsc::Sender<(Instant, String)>, print: bool) {
+/// An inspection worker. `generation` identifies it to the watchdog, which retires a worker
+/// stuck on a frame and starts the next one.
+fn inspect_loop(
+    shared: Arc<Shared>,
+    rejects: mpsc::Sender<(Instant, String)>,
+    print: bool,
+    generation: u64,
+) {
     let cfg = &shared.config;
     // The app metrics (percentiles over the last frames) are refreshed at most once a second.
     let mut metrics_due = Instant::now();
     while let Some(frame) = shared.queue.pop() {
         let dequeued = Instant::now();
         let queue_ms = (dequeued - frame.captured).as_secs_f64() * 1e3 - frame.capture_ms;
+        shared.watch.begin(generation, &frame, queue_ms);
         let model = shared.current_model();
         let (decision, stages, model_name) = match (&frame.image, &model) {
             (Ok(img), Ok(m)) => {
@@ -637,119 +702,202 @@ fn inspect_loop(shared: Arc<Shared>, rejects: mpsc::Sender<(Instant, String)>, p
                 None,
             ),
         };
-        let total_ms = frame.captured.elapsed().as_secs_f64() * 1e3;
-        let part = format!("{}-{:06}", frame.camera, frame.index);
-        let ng = decision.verdict == Verdict::Ng;
-        let failed = decision.score.is_nan();
-        if ng {
-            let due = frame.captured + Duration::from_millis(cfg.reject.delay_ms);
-            let _ = rejects.send((due, part.clone()));
+        if !shared.watch.end(generation) {
+            // The watchdog gave this frame its fail-safe verdict and started another worker.
+            return;
         }
-        let result = json!({
-            "station": cfg.station.name,
-            "camera": frame.camera,
-            "part": part,
-            "frame": frame.index,
-            "image": frame.name,
-            "model": model_name,
-            "verdict": decision.verdict,
-            "score": if failed { None } else { Some(decision.score) },
-            "raw_score": if failed { None } else { Some(decision.raw_score) },
-            "threshold": decision.threshold,
-            "reason": decision.reason,
-            "label": decision.label,
-            "regions": decision.regions,
-            "fail_safe": failed,
-            "captured_ms": frame.captured_ms,
-            "latency_ms": {
-                "capture": frame.capture_ms,
-                "queue": queue_ms.max(0.0),
-                "preprocess": stages[0],
-                "inference": stages[1],
-                "decide": stages[2],
-                "total": total_ms,
-            },
-        });
-        if let Err(e) = shared.gateway.publish(Class::Inspection, result.clone()) {
-            eprintln!("error: cannot spool a result: {e}");
-        }
-        if let Ok(img) = &frame.image {
-            let reason = if frame.sample {
-                Some("capture_now")
-            } else if failed {
-                None
-            } else {
-                cfg.samples.choose(ng, decision.score).map(|r| r.name())
-            };
-            if let Some(reason) = reason {
-                let mut meta = result.clone();
-                meta["reason_sampled"] = json!(reason);
-                match crate::samples::encode_jpeg(img, 85)
-                    .and_then(|jpeg| shared.gateway.publish_sample("image/jpeg", &jpeg, meta))
-                {
-                    Ok(_) => {}
-                    Err(e) => eprintln!("warning: sample of {part} not sent: {e}"),
-                }
+        shared.gateway.set_problem("inspection", None);
+        publish_result(
+            &shared,
+            &frame,
+            queue_ms,
+            (decision, stages, model_name),
+            &rejects,
+            print,
+            &mut metrics_due,
+        );
+    }
+}
+
+/// Watches the inspection worker: a frame held longer than `station.stall_s` gets its
+/// fail-safe verdict here, an alarm goes out, and a fresh worker takes over the queue.
+fn watchdog_loop(shared: Arc<Shared>, rejects: mpsc::Sender<(Instant, String)>, print: bool) {
+    let stall = Duration::from_secs_f64(shared.config.station.stall_s);
+    let tick = (stall / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut metrics_due = Instant::now();
+    while !shared.vision_done.load(Ordering::Relaxed) {
+        std::thread::sleep(tick);
+        let Some(stuck) = shared.watch.take_stalled(stall) else {
+            continue;
+        };
+        let part = format!("{}-{:06}", stuck.frame.camera, stuck.frame.index);
+        let seconds = stuck.since.elapsed().as_secs_f64();
+        let restarts = shared.watch.restarts.load(Ordering::Relaxed);
+        let why = format!(
+            "inspection stalled for {seconds:.1} s on {part} (station.stall_s = {}); the worker was restarted",
+            shared.config.station.stall_s
+        );
+        eprintln!("error: {why}");
+        shared.gateway.set_problem("inspection", Some(why.clone()));
+        let _ = shared.gateway.publish(
+            Class::Alarm,
+            json!({ "alarm": "stage_stuck", "stage": "inspection", "part": part, "seconds": seconds, "restarts": restarts }),
+        );
+        let threshold = shared
+            .current_model()
+            .map(|m| shared.threshold(m.kind))
+            .unwrap_or(f32::NAN);
+        let decision = parts::fail_safe(shared.config.station.fail_safe, &why, threshold);
+        publish_result(
+            &shared,
+            &stuck.frame,
+            stuck.queue_ms,
+            (decision, [0.0; 3], None),
+            &rejects,
+            print,
+            &mut metrics_due,
+        );
+        let generation = shared.watch.generation.load(Ordering::Relaxed);
+        let (s, tx) = (shared.clone(), rejects.clone());
+        match spawn("neo-inspect", move || {
+            inspect_loop(s, tx, print, generation)
+        }) {
+            Ok(worker) => {
+                // The stuck worker's handle is dropped: it is left behind.
+                *shared.inspector.lock().unwrap_or_else(|p| p.into_inner()) = Some(worker);
+            }
+            Err(e) => {
+                eprintln!("error: cannot restart the inspection worker: {e}");
+                return;
             }
         }
-        if print {
-            println!(
-                "{part}  {:<28} {:>2}  {:>6}  {:>7.1} ms  {}",
-                frame.name,
-                if ng { "NG" } else { "OK" },
-                if failed {
-                    "-".to_string()
-                } else {
-                    format!("{:.2}", decision.score)
-                },
-                total_ms,
-                decision.reason
-            );
-        }
-        {
-            let mut s = shared.summary();
-            s.frames += 1;
-            if failed {
-                s.fail_safe += 1;
-            }
-            if ng {
-                s.ng += 1;
-            } else {
-                s.ok += 1;
-            }
-        }
-        let totals = shared.summary().clone();
-        let fps = totals.frames as f64 / shared.started.elapsed().as_secs_f64().max(1e-9);
-        if let Ok(mut l) = shared.latency.lock() {
-            for (w, v) in
-                l.iter_mut()
-                    .zip([queue_ms.max(0.0), stages[0], stages[1], stages[2], total_ms])
+    }
+}
+
+/// Publishes a decided frame: the result, its reject pulse, a sample if chosen, the totals and
+/// (at most once a second) the app metrics.
+fn publish_result(
+    shared: &Arc<Shared>,
+    frame: &Frame,
+    queue_ms: f64,
+    (decision, stages, model_name): (parts::Decision, [f64; 3], Option<String>),
+    rejects: &mpsc::Sender<(Instant, String)>,
+    print: bool,
+    metrics_due: &mut Instant,
+) {
+    let cfg = &shared.config;
+    let total_ms = frame.captured.elapsed().as_secs_f64() * 1e3;
+    let part = format!("{}-{:06}", frame.camera, frame.index);
+    let ng = decision.verdict == Verdict::Ng;
+    let failed = decision.score.is_nan();
+    if ng {
+        let due = frame.captured + Duration::from_millis(cfg.reject.delay_ms);
+        let _ = rejects.send((due, part.clone()));
+    }
+    let result = json!({
+        "station": cfg.station.name,
+        "camera": frame.camera,
+        "part": part,
+        "frame": frame.index,
+        "image": frame.name,
+        "model": model_name,
+        "verdict": decision.verdict,
+        "score": if failed { None } else { Some(decision.score) },
+        "raw_score": if failed { None } else { Some(decision.raw_score) },
+        "threshold": decision.threshold,
+        "reason": decision.reason,
+        "label": decision.label,
+        "regions": decision.regions,
+        "fail_safe": failed,
+        "captured_ms": frame.captured_ms,
+        "latency_ms": {
+            "capture": frame.capture_ms,
+            "queue": queue_ms.max(0.0),
+            "preprocess": stages[0],
+            "inference": stages[1],
+            "decide": stages[2],
+            "total": total_ms,
+        },
+    });
+    if let Err(e) = shared.gateway.publish(Class::Inspection, result.clone()) {
+        eprintln!("error: cannot spool a result: {e}");
+    }
+    if let Ok(img) = &frame.image {
+        let reason = if frame.sample {
+            Some("capture_now")
+        } else if failed {
+            None
+        } else {
+            cfg.samples.choose(ng, decision.score).map(|r| r.name())
+        };
+        if let Some(reason) = reason {
+            let mut meta = result.clone();
+            meta["reason_sampled"] = json!(reason);
+            match crate::samples::encode_jpeg(img, 85)
+                .and_then(|jpeg| shared.gateway.publish_sample("image/jpeg", &jpeg, meta))
             {
-                w.push(v);
+                Ok(_) => {}
+                Err(e) => eprintln!("warning: sample of {part} not sent: {e}"),
             }
-            if Instant::now() < metrics_due {
-                continue;
-            }
-            metrics_due = Instant::now() + Duration::from_secs(1);
-            let q = |i: usize, p: f64| l[i].quantile(p);
-            shared.gateway.set_app_metrics(vec![
-                ("frames_per_s".into(), fps),
-                ("frames_total".into(), totals.frames as f64),
-                (
-                    "frames_dropped_total".into(),
-                    shared.queue.dropped.load(Ordering::Relaxed) as f64,
-                ),
-                ("queue_depth".into(), shared.queue.len() as f64),
-                ("ng_total".into(), totals.ng as f64),
-                ("fail_safe_total".into(), totals.fail_safe as f64),
-                ("preprocess_ms_p50".into(), q(1, 0.5)),
-                ("preprocess_ms_p99".into(), q(1, 0.99)),
-                ("inference_ms_p50".into(), q(2, 0.5)),
-                ("inference_ms_p99".into(), q(2, 0.99)),
-                ("latency_ms_p50".into(), q(4, 0.5)),
-                ("latency_ms_p99".into(), q(4, 0.99)),
-            ]);
         }
+    }
+    if print {
+        println!(
+            "{part}  {:<28} {:>2}  {:>6}  {:>7.1} ms  {}",
+            frame.name,
+            if ng { "NG" } else { "OK" },
+            if failed {
+                "-".to_string()
+            } else {
+                format!("{:.2}", decision.score)
+            },
+            total_ms,
+            decision.reason
+        );
+    }
+    {
+        let mut s = shared.summary();
+        s.frames += 1;
+        if failed {
+            s.fail_safe += 1;
+        }
+        if ng {
+            s.ng += 1;
+        } else {
+            s.ok += 1;
+        }
+    }
+    let totals = shared.summary().clone();
+    let fps = totals.frames as f64 / shared.started.elapsed().as_secs_f64().max(1e-9);
+    if let Ok(mut l) = shared.latency.lock() {
+        for (w, v) in
+            l.iter_mut()
+                .zip([queue_ms.max(0.0), stages[0], stages[1], stages[2], total_ms])
+        {
+            w.push(v);
+        }
+        if Instant::now() < *metrics_due {
+            return;
+        }
+        *metrics_due = Instant::now() + Duration::from_secs(1);
+        let q = |i: usize, p: f64| l[i].quantile(p);
+        shared.gateway.set_app_metrics(vec![
+            ("frames_per_s".into(), fps),
+            ("frames_total".into(), totals.frames as f64),
+            (
+                "frames_dropped_total".into(),
+                shared.queue.dropped.load(Ordering::Relaxed) as f64,
+            ),
+            ("queue_depth".into(), shared.queue.len() as f64),
+            ("ng_total".into(), totals.ng as f64),
+            ("fail_safe_total".into(), totals.fail_safe as f64),
+            ("preprocess_ms_p50".into(), q(1, 0.5)),
+            ("preprocess_ms_p99".into(), q(1, 0.99)),
+            ("inference_ms_p50".into(), q(2, 0.5)),
+            ("inference_ms_p99".into(), q(2, 0.99)),
+            ("latency_ms_p50".into(), q(4, 0.5)),
+            ("latency_ms_p99".into(), q(4, 0.99)),
+        ]);
     }
 }
 
@@ -759,8 +907,20 @@ fn actuator(
     rx: mpsc::Receiver<(Instant, String)>,
 ) {
     let pulse = Duration::from_millis(shared.config.reject.pulse_ms);
-    // Pulses come in capture order with one delay, so they are due in order.
-    while let Ok((due, part)) = rx.recv() {
+    // Pulses come in capture order with one delay, so they are due in order. A worker left
+    // behind by the watchdog still holds a sender, so the loop also ends once the vision
+    // threads are done and nothing is pending.
+    loop {
+        let (due, part) = match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(p) => p,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if shared.vision_done.load(Ordering::Relaxed) {
+                    break;
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         let now = Instant::now();
         let late = now > due + Duration::from_millis(20);
         if let Some(wait) = due.checked_duration_since(now) {
@@ -843,6 +1003,7 @@ async fn command_loop(shared: Arc<Shared>, mut commands: crate::command::Command
                             Err(p) => *p.into_inner() = Ok(Arc::new(m)),
                         }
                         let confirmed = slots.confirm();
+                        g.set_problem("model", None);
                         g.ack(
                             id,
                             "deploy",
