@@ -85,7 +85,7 @@ impl Gateway {
             stats.commands_accepted.fetch_add(1, Ordering::Relaxed);
         } else {
             stats.commands_refused.fetch_add(1, Ordering::Relaxed);
-            eprintln!("neo-gateway: refused command {cmd} ({cmd_id:?}): {message}");
+            tracing::warn!("refused command {cmd} ({cmd_id:?}): {message}");
         }
         let data = json!({ "cmd_id": cmd_id, "cmd": cmd, "ok": ok, "message": message });
         if let Err(e) = self.publish(Class::CommandResult, data) {

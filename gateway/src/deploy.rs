@@ -256,7 +256,7 @@ impl Slots {
             dir: dir.to_path_buf(),
         };
         if slots.state()?.trial {
-            eprintln!("neo-gateway: the model on trial was never confirmed; rolling back");
+            tracing::warn!("the model on trial was never confirmed; rolling back");
             slots.rollback()?;
         }
         Ok(slots)

@@ -388,15 +388,15 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>) {
             Err(e) => {
                 shared.stats.spool_errors.fetch_add(1, Ordering::Relaxed);
                 shared.stats.note_error(&e);
-                eprintln!("neo-gateway: spool write failed (retrying): {e}");
+                tracing::error!("spool write failed (retrying): {e}");
                 for f in flushes.drain(..) {
                     let _ = f.send(Err(e.to_string()));
                 }
                 std::thread::sleep(Duration::from_millis(200));
                 if done {
                     // Shutting down with a spool that cannot be written: give up after saying so.
-                    eprintln!(
-                        "neo-gateway: {} messages could not be written before stopping",
+                    tracing::error!(
+                        "{} messages could not be written before stopping",
                         new.len()
                     );
                     return;

@@ -256,9 +256,9 @@ impl Link {
                         }
                         Err(e) => {
                             if st.connected {
-                                eprintln!("neo-gateway: connection to {}:{} lost: {e}", cfg.host, cfg.port);
+                                tracing::warn!("connection to {}:{} lost: {e}", cfg.host, cfg.port);
                             } else if st.attempt == 0 {
-                                eprintln!("neo-gateway: cannot connect to {}:{}: {e} (retrying)", cfg.host, cfg.port);
+                                tracing::warn!("cannot connect to {}:{}: {e} (retrying)", cfg.host, cfg.port);
                             }
                             self.disconnect();
                             st.connected = false;
@@ -340,7 +340,7 @@ impl Link {
                         class.name()
                     );
                     if st.refusals == 0 {
-                        eprintln!("neo-gateway: {note}");
+                        tracing::warn!("{note}");
                     }
                     shared.stats.note_error(note);
                     st.refusals = st.refusals.saturating_add(1);

@@ -234,7 +234,7 @@ impl Gateway {
                         context: format!("cannot listen on telemetry.metrics_addr {addr}"),
                         source: e,
                     };
-                    eprintln!("warning: {e}; /metrics is off");
+                    tracing::warn!("{e}; /metrics is off");
                     self.stats().note_error(&e);
                     None
                 }

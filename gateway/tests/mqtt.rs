@@ -1366,3 +1366,76 @@ metrics_addr = "127.0.0.1:{http}"
     assert_eq!(pulses.lines().count(), 3, "{pulses}");
     assert!(log.contains("inspection stalled"), "{log}");
 }
+
+/// `--log-format json`: every log line is one JSON object with its level and message, so a
+/// log collector can filter the daemon's errors (here: a model that cannot be loaded).
+#[test]
+fn logs_are_json_lines_with_levels_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::fs::write(dir.path().join("broken.neo"), b"not an artifact").unwrap();
+    let config = dir.path().join("station.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[station]
+name = "logs"
+[[cameras]]
+name = "cam0"
+path = "{samples}"
+fps = 5.0
+[inspection]
+model = "broken.neo"
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+site = "site"
+line = "line"
+device = "logdev"
+[spool]
+dir = "spool"
+"#,
+            samples = repo.join("models/samples").display(),
+            port = free_port(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new(gateway_bin())
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "--quiet",
+            "--duration",
+            "1",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    let logs: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("level").is_some()).collect();
+    let error = logs
+        .iter()
+        .find(|l| l["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("no ERROR line: {stderr}"));
+    assert!(
+        error["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be used"),
+        "{error}"
+    );
+    assert!(logs.iter().any(|l| l["level"] == "INFO"), "{stderr}");
+    // The run's summary is the last line, JSON too.
+    assert!(
+        lines.last().unwrap()["frames"].as_u64().is_some(),
+        "{stderr}"
+    );
+}

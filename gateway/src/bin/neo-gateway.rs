@@ -22,6 +22,38 @@ use sha2::{Digest, Sha256};
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// Log lines on stderr: `text` for people, `json` (one object per line, with level,
+    /// target, fields and timestamp) for a log collector.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// What to log: a level (error, warn, info, debug, trace) or per-module levels such as
+    /// `info,neo_gateway::link=debug`. Default: $NEO_LOG, else info (rumqttd off).
+    #[arg(long, global = true)]
+    log: Option<String>,
+}
+
+/// Sends the library's `tracing` events to stderr in the chosen format.
+fn init_logs(format: &str, filter: Option<&str>) -> Result<()> {
+    use tracing_subscriber::prelude::*;
+    let spec = filter
+        .map(String::from)
+        .or_else(|| std::env::var("NEO_LOG").ok())
+        // The embedded broker's own logs and the MQTT client's are noise at info: the
+        // link reports what matters.
+        .unwrap_or_else(|| "info,rumqttd=off,rumqttc=error".into());
+    let targets: tracing_subscriber::filter::Targets = spec
+        .parse()
+        .with_context(|| format!("--log {spec:?}: expected a level or module=level pairs"))?;
+    let registry = tracing_subscriber::registry().with(targets);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if format == "json" {
+        registry.with(fmt.json().with_target(true)).init();
+    } else {
+        registry.with(fmt.with_ansi(false)).init();
+    }
+    Ok(())
 }
 
 #[derive(clap::Args, Clone)]
@@ -162,7 +194,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn real_main() -> Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    init_logs(&cli.log_format, cli.log.as_deref())?;
+    match cli.command {
         Cmd::Run {
             config,
             max_frames,

@@ -172,7 +172,7 @@ pub fn spawn_trigger(
                         }
                     }
                     Err(e) => {
-                        eprintln!("error: camera {name}: trigger input failed: {e}");
+                        tracing::error!("camera {name}: trigger input failed: {e}");
                         return;
                     }
                 }

@@ -196,7 +196,7 @@ dynamic_filters = true
         .spawn(move || {
             let mut broker = rumqttd::Broker::new(config);
             if let Err(e) = broker.start() {
-                eprintln!("neo-gateway: embedded broker stopped: {e}");
+                tracing::error!("embedded broker stopped: {e}");
             }
         })
         .map_err(|e| GatewayError::Io {
@@ -243,7 +243,7 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
             };
             let model = load_model(&model_path, inspection.threads).map(Arc::new);
             match &model {
-                Ok(m) => eprintln!(
+                Ok(m) => tracing::info!(
                     "station {}: model {} ({:?}, {} threads) from {}",
                     config.station.name,
                     m.name,
@@ -252,8 +252,8 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
                     m.path.display()
                 ),
                 Err(e) => {
-                    eprintln!(
-                        "error: the model {} cannot be used: {e}\n       the station runs in fail-safe mode ({:?}) until a model is deployed",
+                    tracing::error!(
+                        "the model {} cannot be used: {e}; the station runs in fail-safe mode ({:?}) until a model is deployed",
                         model_path.display(),
                         config.station.fail_safe
                     );
@@ -274,16 +274,17 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
         .map(|a| format!("http://{a}/metrics"))
         .unwrap_or_else(|| "(telemetry.metrics_addr not set)".into());
     let base = gateway.topics().base().to_string();
-    eprintln!(
-        "watch: neo-gateway watch --broker {broker}   (or: mosquitto_sub -h {} -p {} -t '{base}/#' -v)\nmetrics: {metrics}",
+    tracing::info!(
+        "watch: neo-gateway watch --broker {broker}   (or: mosquitto_sub -h {} -p {} -t '{base}/#' -v)",
         config.mqtt.host, config.mqtt.port
     );
+    tracing::info!("metrics: {metrics}");
     for (name, _) in &push {
         let http = match &config.telemetry.metrics_addr {
             Some(a) => format!("curl --data-binary @frame.jpg http://{a}/frames/{name}"),
             None => "(HTTP off: telemetry.metrics_addr not set)".into(),
         };
-        eprintln!(
+        tracing::info!(
             "push frames to {name}: mosquitto_pub -h {} -p {} -t '{base}/frames/{name}' -f frame.jpg   or: {http}",
             config.mqtt.host, config.mqtt.port
         );
@@ -348,7 +349,7 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
     }
     if !shared.config.cameras.is_empty() {
         let out = parts::reject_output(&shared.config.reject).map_err(GatewayError::Config)?;
-        eprintln!("reject output: {}", out.describe());
+        tracing::info!("reject output: {}", out.describe());
         let (reject_tx, reject_rx) = mpsc::channel::<(Instant, String)>();
         let s = shared.clone();
         vision.push(spawn("neo-reject", move || actuator(s, out, reject_rx))?);
@@ -427,9 +428,9 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
                 break;
             }
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => { eprintln!("interrupted: stopping"); break; }
+                _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: stopping"); break; }
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {
-                    eprintln!("SIGTERM: stopping"); break;
+                    tracing::info!("SIGTERM: stopping"); break;
                 }
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
@@ -462,7 +463,7 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
         if worker.is_finished() {
             let _ = worker.join();
         } else {
-            eprintln!("warning: the inspection worker did not finish; leaving it behind");
+            tracing::warn!("the inspection worker did not finish; leaving it behind");
             break;
         }
     }
@@ -486,7 +487,7 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
     rt.shutdown_timeout(Duration::from_secs(1));
     drop(shared);
     if !gateway.close(Duration::from_secs(5)) {
-        eprintln!("warning: the spool did not close within 5 s");
+        tracing::warn!("the spool did not close within 5 s");
     }
     Ok(summary)
 }
@@ -559,7 +560,7 @@ fn capture(shared: Arc<Shared>, cam: config::CameraConfig, edges: &AtomicU64) {
         let (name, image) = match source.next_frame() {
             Ok(Some((name, img))) => {
                 if let Some(why) = failing.take() {
-                    eprintln!("camera {}: recovered (was: {why})", cam.name);
+                    tracing::info!("camera {}: recovered (was: {why})", cam.name);
                     shared
                         .gateway
                         .set_problem(&format!("camera {}", cam.name), None);
@@ -571,13 +572,13 @@ fn capture(shared: Arc<Shared>, cam: config::CameraConfig, edges: &AtomicU64) {
                 (name, Ok(img))
             }
             Ok(None) => {
-                eprintln!("camera {}: no more images", cam.name);
+                tracing::info!("camera {}: no more images", cam.name);
                 shared.source_ended();
                 break;
             }
             Err(e) => {
                 if failing.is_none() {
-                    eprintln!("camera {}: {e}", cam.name);
+                    tracing::error!("camera {}: {e}", cam.name);
                     shared
                         .gateway
                         .set_problem(&format!("camera {}", cam.name), Some(e.clone()));
@@ -737,7 +738,7 @@ fn watchdog_loop(shared: Arc<Shared>, rejects: mpsc::Sender<(Instant, String)>, 
             "inspection stalled for {seconds:.1} s on {part} (station.stall_s = {}); the worker was restarted",
             shared.config.station.stall_s
         );
-        eprintln!("error: {why}");
+        tracing::error!("{why}");
         shared.gateway.set_problem("inspection", Some(why.clone()));
         let _ = shared.gateway.publish(
             Class::Alarm,
@@ -767,7 +768,7 @@ fn watchdog_loop(shared: Arc<Shared>, rejects: mpsc::Sender<(Instant, String)>, 
                 *shared.inspector.lock().unwrap_or_else(|p| p.into_inner()) = Some(worker);
             }
             Err(e) => {
-                eprintln!("error: cannot restart the inspection worker: {e}");
+                tracing::error!("cannot restart the inspection worker: {e}");
                 return;
             }
         }
@@ -820,7 +821,7 @@ fn publish_result(
         },
     });
     if let Err(e) = shared.gateway.publish(Class::Inspection, result.clone()) {
-        eprintln!("error: cannot spool a result: {e}");
+        tracing::error!("cannot spool a result: {e}");
     }
     if let Ok(img) = &frame.image {
         let reason = if frame.sample {
@@ -837,7 +838,7 @@ fn publish_result(
                 .and_then(|jpeg| shared.gateway.publish_sample("image/jpeg", &jpeg, meta))
             {
                 Ok(_) => {}
-                Err(e) => eprintln!("warning: sample of {part} not sent: {e}"),
+                Err(e) => tracing::warn!("sample of {part} not sent: {e}"),
             }
         }
     }
@@ -927,8 +928,8 @@ fn actuator(
             std::thread::sleep(wait);
         }
         if late {
-            eprintln!(
-                "warning: reject for {part} is {} ms late: inference is slower than the conveyor delay",
+            tracing::warn!(
+                "reject for {part} is {} ms late: inference is slower than the conveyor delay",
                 (now - due).as_millis()
             );
         }
@@ -941,7 +942,7 @@ fn actuator(
                 }
             }
             Err(e) => {
-                eprintln!("error: reject output {}: {e}", out.describe());
+                tracing::error!("reject output {}: {e}", out.describe());
                 let _ = shared.gateway.publish(
                     Class::Alarm,
                     json!({ "alarm": "reject_failed", "part": part, "error": e }),

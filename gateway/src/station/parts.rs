@@ -321,7 +321,7 @@ pub struct LogReject;
 
 impl RejectOutput for LogReject {
     fn pulse(&mut self, part: &str, duration: Duration) -> Result<(), String> {
-        eprintln!("REJECT {part} ({} ms pulse)", duration.as_millis());
+        tracing::info!("REJECT {part} ({} ms pulse)", duration.as_millis());
         Ok(())
     }
     fn describe(&self) -> String {

@@ -42,7 +42,7 @@ fn open(cfg: &SensorSourceConfig, model: &Path) -> Result<Loaded, (&'static str,
         Err(e) => return Err(("sensor_source_failed", e.to_string())),
     };
     let monitor = artifact.monitor().map_err(|e| unavailable(e.to_string()))?;
-    eprintln!(
+    tracing::info!(
         "sensor {}: model {} ({:?}, {} channels) from {} replaying {} ({} frames at {} frames/s)",
         cfg.name,
         artifact.manifest.name,
@@ -86,7 +86,7 @@ fn run_source(
     print: bool,
 ) -> bool {
     let fail = |what: &str, error: String| {
-        eprintln!("error: sensor {}: {what}: {error}", cfg.name);
+        tracing::error!("sensor {}: {what}: {error}", cfg.name);
         let _ = shared.gateway.publish(
             Class::Alarm,
             json!({"alarm": what, "sensor": cfg.name, "error": error}),
@@ -217,9 +217,10 @@ fn run_source(
             Ok(Some(Event::Learned {
                 threshold, report, ..
             })) => {
-                eprintln!(
+                tracing::info!(
                     "sensor {}: baseline learned from {} windows, threshold {threshold:.4}",
-                    cfg.name, report.windows
+                    cfg.name,
+                    report.windows
                 );
             }
             Ok(Some(Event::Learning { .. }) | None) => {}
@@ -230,7 +231,7 @@ fn run_source(
         }
         next += period;
         if i == rec.frames() && !cfg.repeat {
-            eprintln!("sensor {}: end of the recording", cfg.name);
+            tracing::info!("sensor {}: end of the recording", cfg.name);
         }
         let now = Instant::now();
         if next > now {
