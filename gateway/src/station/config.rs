@@ -113,9 +113,43 @@ pub struct CameraConfig {
     /// `trigger = "gpio"`: the input line.
     #[serde(default)]
     pub gpio: Option<GpioTrigger>,
+    /// `camera`: the V4L2 device, `/dev/videoN` (default `/dev/video0`).
+    #[serde(default)]
+    pub device: Option<String>,
+    /// `camera`: the resolution asked for (the closest the device offers is used).
+    #[serde(default = "default_width")]
+    pub width: u32,
+    #[serde(default = "default_height")]
+    pub height: u32,
+    /// `camera`: `mjpeg` (most USB cameras at full rate) or `yuyv` (uncompressed).
+    #[serde(default)]
+    pub pixel_format: PixelFormat,
     /// `push`: the largest frame accepted, bytes.
     #[serde(default = "default_push_max_bytes")]
     pub max_bytes: usize,
+}
+
+/// A camera device, `/dev/videoN` (or `N`) → N.
+pub fn device_index(device: &str) -> std::result::Result<u32, String> {
+    device
+        .trim_start_matches("/dev/video")
+        .parse()
+        .map_err(|_| format!("camera device {device:?}: expected /dev/videoN or N"))
+}
+
+fn default_width() -> u32 {
+    1280
+}
+fn default_height() -> u32 {
+    720
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PixelFormat {
+    #[default]
+    Mjpeg,
+    Yuyv,
 }
 
 fn default_push_max_bytes() -> usize {
@@ -128,7 +162,8 @@ pub enum SourceKind {
     /// Images from a folder or glob, replayed at `fps` (demos, tests, offline replays).
     #[default]
     Folder,
-    /// A V4L2/UVC camera (feature `camera`; not built yet).
+    /// A V4L2/UVC camera (`device`, `width`, `height`, `pixel_format`, `fps`); needs the
+    /// gateway built with the `camera` feature.
     Camera,
     /// Frames pushed by another program: the encoded image as the payload of MQTT
     /// `<base>/frames/<name>` or the body of HTTP `POST /frames/<name>` on
@@ -345,11 +380,24 @@ impl StationConfig {
                 SourceKind::Folder if cam.path.is_none() => {
                     return bad(key("path"), "a folder source needs a folder or glob")
                 }
-                SourceKind::Camera => {
+                SourceKind::Camera if !cfg!(feature = "camera") => {
                     return bad(
                         key("kind"),
-                        "camera sources need the `camera` feature, which is not built yet; use kind = \"folder\" or \"push\"",
+                        "this neo-gateway was built without cameras: build it with `--features camera` (needs libclang-dev), or use kind = \"folder\" or \"push\"",
                     )
+                }
+                SourceKind::Camera if cam.path.is_some() => {
+                    return bad(key("path"), "a camera has a device, not a path")
+                }
+                SourceKind::Camera if cam.width == 0 || cam.height == 0 => {
+                    return bad(key("width"), "width and height must be positive")
+                }
+                SourceKind::Camera => {
+                    if let Some(device) = &cam.device {
+                        if let Err(e) = device_index(device) {
+                            return bad(key("device"), &e);
+                        }
+                    }
                 }
                 SourceKind::Push if cam.path.is_some() => {
                     return bad(
@@ -488,6 +536,11 @@ mod tests {
         assert!(with("name = \"pump1\"", "name = \"pump1\"\nrate = 3").contains("rate"));
         assert!(with("name = \"pump1\"", "name = \"pump 1\"").contains("sensors[0].name"));
         assert!(with("kind = \"folder\"", "kind = \"push\"").contains("cameras[0].path"));
+        assert_eq!(device_index("/dev/video2"), Ok(2));
+        assert_eq!(device_index("3"), Ok(3));
+        assert!(device_index("/dev/cam")
+            .unwrap_err()
+            .contains("/dev/videoN"));
     }
 
     /// Cameras need the vision model and the vision model needs a camera; a station without

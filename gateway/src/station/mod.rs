@@ -6,6 +6,8 @@
 //! reject pulse and picks samples; one actuator thread fires pulses at capture time + the
 //! conveyor delay. Commands (pause, threshold, capture now, new model) arrive from the gateway.
 
+#[cfg(feature = "camera")]
+pub mod camera;
 pub mod config;
 pub mod gpio;
 pub mod parts;
@@ -504,8 +506,20 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
 
 /// A folder camera. `edges`: debounced GPIO trigger edges (`trigger = "gpio"`), one frame each.
 fn capture(shared: Arc<Shared>, cam: config::CameraConfig, edges: &AtomicU64) {
-    let Some(path) = cam.path.clone() else { return };
-    let mut source = parts::FolderSource::new(&path, cam.repeat);
+    let mut source = match cam.kind {
+        #[cfg(feature = "camera")]
+        config::SourceKind::Camera => match camera::CameraSource::new(&cam) {
+            Ok(c) => Source::Camera(Box::new(c)),
+            Err(e) => {
+                tracing::error!("camera {}: {e}", cam.name);
+                return;
+            }
+        },
+        _ => {
+            let Some(path) = cam.path.clone() else { return };
+            Source::Folder(parts::FolderSource::new(&path, cam.repeat))
+        }
+    };
     let period = Duration::from_secs_f64(1.0 / cam.fps);
     let mut next_due = Instant::now();
     let mut index = 0u64;
@@ -602,6 +616,23 @@ fn capture(shared: Arc<Shared>, cam: config::CameraConfig, edges: &AtomicU64) {
             sample,
         });
         index += 1;
+    }
+}
+
+/// Where a capture thread's frames come from.
+enum Source {
+    Folder(parts::FolderSource),
+    #[cfg(feature = "camera")]
+    Camera(Box<camera::CameraSource>),
+}
+
+impl Source {
+    fn next_frame(&mut self) -> Result<Option<(String, image::DynamicImage)>, String> {
+        match self {
+            Source::Folder(f) => f.next_frame(),
+            #[cfg(feature = "camera")]
+            Source::Camera(c) => c.next_frame(),
+        }
     }
 }
 
