@@ -679,6 +679,35 @@ fn tls_with_a_client_certificate_and_without_one() {
     assert!(err.to_string().contains("no PEM certificate"), "{err}");
 }
 
+/// A gateway that trusts the key made from `seed`, with its broker and a subscriber to its
+/// acks: what the deployment tests start from.
+fn deploy_setup(
+    work: &Path,
+    device: &str,
+    seed: u8,
+    adjust: impl FnOnce(&mut GatewayConfig),
+) -> (
+    Broker,
+    ed25519_dalek::SigningKey,
+    GatewayConfig,
+    Running,
+    Subscriber,
+) {
+    let broker = Broker::start();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+    let mut config = GatewayConfig::local("127.0.0.1", broker.port, device, work.join("spool"));
+    config.commands.trusted_keys = vec![hex::encode(key.verifying_key().to_bytes())];
+    adjust(&mut config);
+    let run = start_gateway(config.clone());
+    let sub = Subscriber::start(
+        broker.port,
+        &format!("{device}-sub"),
+        &format!("neo/site/line/{device}/ack"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    (broker, key, config, run, sub)
+}
+
 #[test]
 fn a_signed_model_deployed_in_chunks_becomes_active_and_a_tampered_one_does_not() {
     use base64::Engine;
@@ -692,19 +721,9 @@ fn a_signed_model_deployed_in_chunks_becomes_active_and_a_tampered_one_does_not(
     std::fs::copy(repo.join("models/fixtures/tiny_conv.neo"), &artifact).unwrap();
     let bytes = std::fs::read(&artifact).unwrap();
 
-    let broker = Broker::start();
-    let key = SigningKey::from_bytes(&[5; 32]);
-    let mut config = GatewayConfig::local(
-        "127.0.0.1",
-        broker.port,
-        "deploydev",
-        work.path().join("spool"),
-    );
-    config.commands.trusted_keys = vec![hex::encode(key.verifying_key().to_bytes())];
-    config.mqtt.max_packet_bytes = 64 * 1024;
-    let mut run = start_gateway(config.clone());
-    let sub = Subscriber::start(broker.port, "deploy-sub", "neo/site/line/deploydev/ack");
-    std::thread::sleep(Duration::from_millis(300));
+    let (broker, key, config, mut run, sub) = deploy_setup(work.path(), "deploydev", 5, |c| {
+        c.mqtt.max_packet_bytes = 64 * 1024;
+    });
 
     let send = |id: &str, bytes: &[u8], tamper: bool| {
         let digest: [u8; 32] = sha2::Sha256::digest(bytes).into();
@@ -1041,19 +1060,9 @@ fn a_model_deployed_by_url_over_http_and_https() {
     let http = serve_artifact(bytes.clone(), None);
     let https = serve_artifact(bytes.clone(), Some(work.path()));
 
-    let broker = Broker::start();
-    let key = SigningKey::from_bytes(&[9; 32]);
-    let mut config = GatewayConfig::local(
-        "127.0.0.1",
-        broker.port,
-        "urldev",
-        work.path().join("spool"),
-    );
-    config.commands.trusted_keys = vec![hex::encode(key.verifying_key().to_bytes())];
-    config.commands.url_ca = Some(work.path().join("ca.pem"));
-    let mut run = start_gateway(config.clone());
-    let sub = Subscriber::start(broker.port, "url-sub", "neo/site/line/urldev/ack");
-    std::thread::sleep(Duration::from_millis(300));
+    let ca = work.path().join("ca.pem");
+    let (broker, key, config, mut run, sub) =
+        deploy_setup(work.path(), "urldev", 9, |c| c.commands.url_ca = Some(ca));
 
     let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
     let deploy = |id: &str, url: &str| {

@@ -564,28 +564,21 @@ trusted_keys = ["{key}"]
             std::thread::sleep(Duration::from_millis(20));
         }
 
-        // A vision model is not a sensor model: its health check refuses it.
-        deploy("s-2", "bottle.neo", "pump1");
-        let refused = last_ack("s-2", 1);
-        assert_eq!(refused["ok"], false, "{refused}");
-        assert!(
-            refused["message"]
-                .as_str()
-                .unwrap()
-                .contains("health check"),
-            "{refused}"
-        );
-        // A source the station does not have: installed, then refused and rolled back.
-        deploy("s-3", "pump.neo", "fan7");
-        let refused = last_ack("s-3", 2);
-        assert_eq!(refused["ok"], false, "{refused}");
-        assert!(
-            refused["message"]
-                .as_str()
-                .unwrap()
-                .contains("no sensor source \"fan7\""),
-            "{refused}"
-        );
+        // Refused: a vision model (its sensor health check fails at install, the first ack),
+        // and a source the station does not have (installed, then refused and rolled back by
+        // the station, the second ack).
+        for (id, file, sensor, nth, why) in [
+            ("s-2", "bottle.neo", "pump1", 1, "health check"),
+            ("s-3", "pump.neo", "fan7", 2, "no sensor source \"fan7\""),
+        ] {
+            deploy(id, file, sensor);
+            let refused = last_ack(id, nth);
+            assert_eq!(refused["ok"], false, "{refused}");
+            assert!(
+                refused["message"].as_str().unwrap().contains(why),
+                "{refused}"
+            );
+        }
         assert_eq!(slots.active().unwrap().unwrap().sha256, v2_sha);
 
         let summary = station.join().unwrap().unwrap();
