@@ -711,7 +711,7 @@ fn deploy_setup(
 #[test]
 fn a_signed_model_deployed_in_chunks_becomes_active_and_a_tampered_one_does_not() {
     use base64::Engine;
-    use ed25519_dalek::{Signer, SigningKey};
+    use ed25519_dalek::Signer;
     use sha2::Digest;
     // A real artifact: the shipped compiled fixture (models/fixtures/tiny_conv.neo, kept equal
     // to what neoc compiles by neoc's tests), so these tests need no ONNX compiler.
@@ -1051,7 +1051,7 @@ impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
 
 #[test]
 fn a_model_deployed_by_url_over_http_and_https() {
-    use ed25519_dalek::{Signer, SigningKey};
+    use ed25519_dalek::Signer;
     use sha2::Digest;
     let work = tempfile::tempdir().unwrap();
     make_certs(work.path());
