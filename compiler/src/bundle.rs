@@ -125,6 +125,10 @@ impl Files {
         self.files.insert(name, (data, mode));
         Ok(())
     }
+
+    fn get(&self, name: &str) -> Option<&Vec<u8>> {
+        self.files.get(name).map(|(data, _)| data)
+    }
 }
 
 fn file_name(p: &Path) -> String {
@@ -321,7 +325,11 @@ pub fn bundle(opts: &BundleOptions, boards: &Boards) -> Result<BundleManifest> {
         };
         let path = resolve(p);
         let name = format!("etc/neo/tls/{}", file_name(&path));
-        files.add(name.clone(), read(&path)?, 0o644)?;
+        let bytes = read(&path)?;
+        // Often the plant's one CA, already shipped as mqtt.tls.ca.
+        if files.get(&name) != Some(&bytes) {
+            files.add(name.clone(), bytes, 0o644)?;
+        }
         *v = toml::Value::String(format!("/{name}"));
     }
     // State lives under /var/lib/neo on the board.

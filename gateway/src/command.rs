@@ -246,6 +246,18 @@ impl Dispatcher {
             None => None,
             Some(Value::String(s)) => {
                 deploy::check_sensor_name(s)?;
+                if let Some(known) = &self.gateway.config().commands.sensor_sources {
+                    if !known.contains(s) {
+                        return Err(format!(
+                            "this station has no sensor source {s:?} (it has: {})",
+                            if known.is_empty() {
+                                "none".into()
+                            } else {
+                                known.join(", ")
+                            }
+                        ));
+                    }
+                }
                 Some(s.clone())
             }
             Some(_) => return Err("\"sensor\" must be a sensor source's name".into()),

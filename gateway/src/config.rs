@@ -155,6 +155,11 @@ pub struct CommandsConfig {
     /// Longest a `deploy` by URL may take to download, seconds.
     #[serde(default = "default_download_timeout")]
     pub download_timeout_s: f64,
+    /// The station's sensor sources (set by the station, not the file): a sensor-model
+    /// deployment for another name is refused before anything is fetched. `None`: not
+    /// checked.
+    #[serde(skip)]
+    pub sensor_sources: Option<Vec<String>>,
 }
 
 fn default_port() -> u16 {
@@ -222,6 +227,7 @@ impl Default for CommandsConfig {
             max_model_mb: default_max_model_mb(),
             url_ca: None,
             download_timeout_s: default_download_timeout(),
+            sensor_sources: None,
         }
     }
 }

@@ -46,7 +46,12 @@ pub struct FrameInbox {
     senders: HashMap<String, (SyncSender<PushedFrame>, usize)>,
     pub received: AtomicU64,
     pub refused: AtomicU64,
+    /// HTTP uploads being read now (bounded: each may buffer up to `max_bytes`).
+    pub uploads: std::sync::atomic::AtomicUsize,
 }
+
+/// HTTP uploads read at the same time, at most; more are answered 503.
+pub const MAX_UPLOADS: usize = 4;
 
 impl FrameInbox {
     /// Inboxes for `cameras` (name, largest frame in bytes), each holding `capacity` frames;
@@ -67,6 +72,7 @@ impl FrameInbox {
                 senders,
                 received: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
+                uploads: std::sync::atomic::AtomicUsize::new(0),
             },
             receivers,
         )

@@ -48,11 +48,15 @@ struct State {
     unassigned: VecDeque<Option<(Class, u64)>>,
     inflight: HashMap<u16, (Class, u64)>,
     attempt: u32,
-    /// Refusals (MQTT 5 PUBACK error codes) since the last accepted publish; spaces out the
-    /// reconnects that retry a refused message.
+    /// Refusals (MQTT 5 PUBACK error codes) in a row of the same messages; spaces out their
+    /// retries. Reset only when a message that was refused is finally accepted.
     refusals: u32,
-    /// A publish was refused: reconnect (which resends from the oldest queued message).
-    refused: bool,
+    /// Messages the broker refused, waiting for their retry on this same connection (a
+    /// reconnect would make the broker publish the offline will every time).
+    refused: Vec<(Class, u64)>,
+    /// Refused messages ever accepted later: the streak ends when one of them is acked.
+    was_refused: std::collections::HashSet<(Class, u64)>,
+    retry_at: Option<Instant>,
     samples: TokenBucket,
 }
 
@@ -212,7 +216,9 @@ impl Link {
             inflight: HashMap::new(),
             attempt: 0,
             refusals: 0,
-            refused: false,
+            refused: Vec::new(),
+            was_refused: std::collections::HashSet::new(),
+            retry_at: None,
             samples: TokenBucket::new(shared.config.samples.max_bytes_per_s),
         };
         let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -221,6 +227,15 @@ impl Link {
         let mut reconnect_at: Option<tokio::time::Instant> = None;
         self.connect();
         loop {
+            // Refused messages are sent again after a backoff, on the same connection: each
+            // stream rewinds to its oldest refused message.
+            if st.retry_at.is_some_and(|at| Instant::now() >= at) {
+                st.retry_at = None;
+                for (class, seq) in std::mem::take(&mut st.refused) {
+                    let next = &mut st.next[class as usize];
+                    *next = (*next).min(seq);
+                }
+            }
             if st.connected {
                 self.fill(&shared, &mut st, cfg.inflight as usize);
             }
@@ -242,18 +257,7 @@ impl Link {
                         continue; // a connection already given up
                     }
                     match event {
-                        Ok(event) => {
-                            self.on_event(&shared, &mut st, event);
-                            if std::mem::take(&mut st.refused) && stopping.is_none() {
-                                // Reconnecting rewinds every stream to its oldest queued
-                                // message, the refused one included.
-                                self.disconnect();
-                                st.connected = false;
-                                shared.stats.connected.store(false, Ordering::Relaxed);
-                                let delay = backoff(cfg.reconnect_min_ms, cfg.reconnect_max_ms, st.refusals);
-                                reconnect_at = Some(tokio::time::Instant::now() + delay);
-                            }
-                        }
+                        Ok(event) => self.on_event(&shared, &mut st, event),
                         Err(e) => {
                             if st.connected {
                                 tracing::warn!("connection to {}:{} lost: {e}", cfg.host, cfg.port);
@@ -290,6 +294,8 @@ impl Link {
         match event {
             LinkEvent::Connected => {
                 st.connected = true;
+                st.refused.clear(); // the rewind to 0 below resends them anyway
+                st.retry_at = None;
                 st.attempt = 0;
                 st.next = [0; Class::COUNT];
                 st.unassigned.clear();
@@ -323,7 +329,9 @@ impl Link {
             }
             LinkEvent::Acked(pkid) => {
                 if let Some(key) = st.inflight.remove(&pkid) {
-                    st.refusals = 0;
+                    if st.was_refused.remove(&key) && st.was_refused.is_empty() {
+                        st.refusals = 0;
+                    }
                     shared.stats.acked.fetch_add(1, Ordering::Relaxed);
                     match shared.acked.lock() {
                         Ok(mut a) => a.push(key),
@@ -343,8 +351,18 @@ impl Link {
                         tracing::warn!("{note}");
                     }
                     shared.stats.note_error(note);
-                    st.refusals = st.refusals.saturating_add(1);
-                    st.refused = true;
+                    if st.was_refused.len() > 100_000 {
+                        st.was_refused.clear(); // evicted from the spool meanwhile
+                    }
+                    st.was_refused.insert((class, seq));
+                    st.refused.push((class, seq));
+                    // One backoff step per retry round, however many messages it refuses.
+                    if st.retry_at.is_none() {
+                        let m = &shared.config.mqtt;
+                        let delay = backoff(m.reconnect_min_ms, m.reconnect_max_ms, st.refusals);
+                        st.refusals = st.refusals.saturating_add(1);
+                        st.retry_at = Some(Instant::now() + delay);
+                    }
                 }
             }
             LinkEvent::Message { topic, payload } => {

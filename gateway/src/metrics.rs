@@ -346,6 +346,19 @@ impl Gateway {
         );
         let _ = stream.write_all(response.as_bytes()).await;
         let _ = stream.shutdown().await;
+        // Read what the client still sends (the body of a refused upload) for a moment, so
+        // closing does not reset the connection before it has read the answer.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut sink = [0u8; 8192];
+            let mut total = 0usize;
+            while total < 1 << 20 {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+        })
+        .await;
     }
 
     /// Reads the body of `POST /frames/<camera>` (Content-Length required, at most the
@@ -373,11 +386,31 @@ impl Gateway {
                 e.err().map(|e| e.to_string()).unwrap_or_default(),
             ));
         };
-        let length = head
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.trim().parse::<usize>().ok());
+        // Each upload may buffer up to max_bytes: only a few at a time.
+        struct Slot<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Slot<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let _slot = Slot(&inbox.uploads);
+        if inbox.uploads.fetch_add(1, Ordering::Relaxed) >= crate::inbox::MAX_UPLOADS {
+            inbox.refused.fetch_add(1, Ordering::Relaxed);
+            return Err((
+                "503 Service Unavailable",
+                format!(
+                    "{} uploads already in progress; retry",
+                    crate::inbox::MAX_UPLOADS
+                ),
+            ));
+        }
+        let header = |name: &str| {
+            head.lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim().to_string())
+        };
+        let length = header("content-length").and_then(|v| v.parse::<usize>().ok());
         let Some(length) = length else {
             return Err((
                 "411 Length Required",
@@ -390,6 +423,10 @@ impl Gateway {
                 "413 Content Too Large",
                 crate::inbox::PushError::TooLarge(length, max).to_string(),
             ));
+        }
+        // curl and others wait for this before sending a large body.
+        if header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
+            let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let mut chunk = vec![0u8; 64 * 1024];

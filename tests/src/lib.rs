@@ -107,6 +107,17 @@ impl Broker {
         }
     }
 
+    /// SIGHUP: Mosquitto reloads its configuration files (an ACL, say) without dropping
+    /// connections.
+    pub fn reload(&self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg("-HUP")
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+
     /// Graceful stop (SIGTERM): Mosquitto saves its sessions and queued messages.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -564,21 +564,21 @@ trusted_keys = ["{key}"]
             std::thread::sleep(Duration::from_millis(20));
         }
 
-        // Refused: a vision model (its sensor health check fails at install, the first ack),
-        // and a source the station does not have (installed, then refused and rolled back by
-        // the station, the second ack).
-        for (id, file, sensor, nth, why) in [
-            ("s-2", "bottle.neo", "pump1", 1, "health check"),
-            ("s-3", "pump.neo", "fan7", 2, "no sensor source \"fan7\""),
+        // Refused: a vision model (its sensor health check fails), and a source the station
+        // does not have (before anything is fetched or installed).
+        for (id, file, sensor, why) in [
+            ("s-2", "bottle.neo", "pump1", "health check"),
+            ("s-3", "pump.neo", "fan7", "no sensor source \"fan7\""),
         ] {
             deploy(id, file, sensor);
-            let refused = last_ack(id, nth);
+            let refused = last_ack(id, 1);
             assert_eq!(refused["ok"], false, "{refused}");
             assert!(
                 refused["message"].as_str().unwrap().contains(why),
                 "{refused}"
             );
         }
+        assert!(!d.join("spool/models/sensors/fan7").exists());
         assert_eq!(slots.active().unwrap().unwrap().sha256, v2_sha);
 
         let summary = station.join().unwrap().unwrap();

@@ -35,15 +35,18 @@ struct Cli {
 /// Sends the library's `tracing` events to stderr in the chosen format.
 fn init_logs(format: &str, filter: Option<&str>) -> Result<()> {
     use tracing_subscriber::prelude::*;
-    let spec = filter
-        .map(String::from)
-        .or_else(|| std::env::var("NEO_LOG").ok())
+    let (spec, from) = match (filter, std::env::var("NEO_LOG").ok()) {
+        (Some(f), _) => (f.to_string(), "--log"),
+        (None, Some(env)) => (env, "NEO_LOG"),
         // The embedded broker's own logs and the MQTT client's are noise at info: the
         // link reports what matters.
-        .unwrap_or_else(|| "info,rumqttd=off,rumqttc=error".into());
-    let targets: tracing_subscriber::filter::Targets = spec
-        .parse()
-        .with_context(|| format!("--log {spec:?}: expected a level or module=level pairs"))?;
+        (None, None) => ("info,rumqttd=off,rumqttc=error".to_string(), "the default"),
+    };
+    let targets: tracing_subscriber::filter::Targets = spec.parse().with_context(|| {
+        format!(
+            "{from} {spec:?}: expected a level (error, warn, info, debug, trace) or module=level pairs"
+        )
+    })?;
     let registry = tracing_subscriber::registry().with(targets);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)

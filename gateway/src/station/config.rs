@@ -443,6 +443,17 @@ impl StationConfig {
                 return bad(key("publish_every"), "must be at least 1");
             }
         }
+        if let (Some(largest), Some(incoming)) = (
+            self.push_cameras().iter().map(|(_, m)| *m).max(),
+            self.mqtt.max_incoming_bytes,
+        ) {
+            if incoming < largest + 1024 {
+                return bad(
+                    "mqtt.max_incoming_bytes".into(),
+                    &format!("{incoming} is below the largest push camera's max_bytes ({largest}) plus 1024 for the topic and header: a frame that size would drop the MQTT connection"),
+                );
+            }
+        }
         if let Some(inspection) = &self.inspection {
             if inspection.queue == 0 {
                 return bad("inspection.queue".into(), "must be at least 1");
@@ -490,12 +501,14 @@ impl StationConfig {
             mqtt.max_incoming_bytes
                 .get_or_insert(mqtt.max_packet_bytes.max(needed));
         }
+        let mut commands = self.commands.clone();
+        commands.sensor_sources = Some(self.sensors.iter().map(|s| s.name.clone()).collect());
         GatewayConfig {
             mqtt,
             spool: self.spool.clone(),
             samples: self.samples.clone(),
             telemetry: self.telemetry.clone(),
-            commands: self.commands.clone(),
+            commands,
         }
     }
 }

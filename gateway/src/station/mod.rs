@@ -186,7 +186,7 @@ listen = "127.0.0.1:{port}"
 next_connection_delay_ms = 1
 [{v}.1.connections]
 connection_timeout_ms = 60000
-max_payload_size = 1048576
+max_payload_size = 16777216
 max_inflight_count = 200
 dynamic_filters = true
 "#
@@ -449,9 +449,8 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
     shared.queue.close();
     // The current worker drains the queue; the watchdog may replace a stuck one meanwhile,
     // so wait for whichever is current (a stuck one left behind is not waited for).
-    let drain_deadline = Instant::now()
-        + Duration::from_secs_f64(shared.config.station.stall_s * 2.0 + 5.0)
-        + Duration::from_secs_f64(shared.queue.len() as f64 * shared.config.station.stall_s);
+    // At most 20 s, within the bundles' TimeoutStopSec=30.
+    let drain_deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let current = shared
             .inspector
@@ -459,15 +458,23 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         let Some(worker) = current else { break };
-        while !worker.is_finished() && Instant::now() < drain_deadline {
+        let replaced = || {
+            shared
+                .inspector
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+        };
+        while !worker.is_finished() && !replaced() && Instant::now() < drain_deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         if worker.is_finished() {
             let _ = worker.join();
-        } else {
-            tracing::warn!("the inspection worker did not finish; leaving it behind");
+        } else if !replaced() {
+            tracing::warn!("the inspection worker did not finish within 20 s; leaving it behind");
             break;
         }
+        // Replaced by the watchdog: the stuck one is left behind; wait for the new one.
     }
     shared.vision_done.store(true, Ordering::Relaxed);
     for v in vision {
@@ -652,6 +659,8 @@ fn capture_pushed(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         if shared.paused.load(Ordering::Relaxed) {
+            // Not inspected while paused: counted with the frames dropped.
+            shared.queue.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         let t0 = Instant::now();

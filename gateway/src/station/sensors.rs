@@ -100,7 +100,11 @@ fn run_source(
         Ok(l) => l,
         Err((what, e)) => {
             fail(what, e);
-            return false;
+            // A model deployed for this source can still bring it up.
+            match wait_for_model(shared, cfg, swaps) {
+                Some(l) => l,
+                None => return false,
+            }
         }
     };
     let period = Duration::from_secs_f64(1.0 / cfg.rate_hz);
@@ -127,18 +131,21 @@ fn run_source(
         }
         None => (0.0, 0.0),
     };
+    let mut pending: Option<SensorSwap> = None;
     while !shared.stop.load(Ordering::Relaxed) {
-        if let Ok(swap) = swaps.try_recv() {
+        if let Some(swap) = pending.take().or_else(|| swaps.try_recv().ok()) {
             match open(cfg, &swap.path) {
-                Ok(new) => {
+                // Taken over only if the station is still waiting for the answer (it rolls
+                // the slot back when it gave up).
+                Ok(new) if swap.reply.send(Ok(new.name.clone())).is_ok() => {
                     // The new model starts on a fresh window; the replay goes on where it is
                     // when the recording is the same length (it is the same file).
-                    let _ = swap.reply.send(Ok(new.name.clone()));
                     if new.rec.frames() != rec.frames() {
                         i = 0;
                     }
                     (name, monitor, rec) = (new.name, new.monitor, new.rec);
                 }
+                Ok(_) => {}
                 Err((_, e)) => {
                     let _ = swap.reply.send(Err(e));
                 }
@@ -235,11 +242,36 @@ fn run_source(
         }
         let now = Instant::now();
         if next > now {
-            std::thread::sleep(next - now);
+            // Waits for the next frame, or for a deployed model, whichever comes first.
+            if let Ok(swap) = swaps.recv_timeout(next - now) {
+                pending = Some(swap);
+            }
         } else if now - next > Duration::from_secs(1) {
             // Far behind (the machine was busy): do not burst to catch up.
             next = now;
         }
     }
     i == rec.frames() && !cfg.repeat
+}
+
+/// A source whose model could not be opened waits for one deployed for it; `None` when the
+/// station stops first.
+fn wait_for_model(
+    shared: &Arc<Shared>,
+    cfg: &SensorSourceConfig,
+    swaps: &mpsc::Receiver<SensorSwap>,
+) -> Option<Loaded> {
+    while !shared.stop.load(Ordering::Relaxed) {
+        let Ok(swap) = swaps.recv_timeout(Duration::from_millis(100)) else {
+            continue;
+        };
+        match open(cfg, &swap.path) {
+            Ok(new) if swap.reply.send(Ok(new.name.clone())).is_ok() => return Some(new),
+            Ok(_) => {}
+            Err((_, e)) => {
+                let _ = swap.reply.send(Err(e));
+            }
+        }
+    }
+    None
 }
