@@ -6,10 +6,11 @@
 //! (`/dev/gpiochipN`) through linux-embedded-hal's `CdevPin`. The trigger reads the same
 //! character device's edge events (timestamped by the kernel) and debounces them.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use embedded_hal::digital::OutputPin;
 use linux_embedded_hal::gpio_cdev::{Chip, EventRequestFlags, EventType, LineRequestFlags};
@@ -131,16 +132,47 @@ impl Debounce {
     }
 }
 
-/// Opens `line` of `chip` for edge events and starts a thread that counts debounced edges
-/// into `counter` (the camera takes one frame per count). The thread blocks on the kernel's
-/// event queue and ends with the process; an error reading events ends it with a message.
+/// Trigger edges waiting for their frame, each with the moment it was read (within a
+/// millisecond of the edge: the reader thread blocks on the kernel's queue). Bounded: when
+/// frames fall behind by more than `EDGE_BACKLOG` edges, the oldest are dropped and counted.
+#[derive(Default)]
+pub struct Edges {
+    times: Mutex<VecDeque<Instant>>,
+    pub dropped: AtomicU64,
+}
+
+pub const EDGE_BACKLOG: usize = 64;
+
+impl Edges {
+    pub fn push(&self, at: Instant) {
+        let mut q = self.times.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() == EDGE_BACKLOG {
+            q.pop_front();
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        q.push_back(at);
+    }
+
+    /// The oldest edge still without a frame.
+    pub fn pop(&self) -> Option<Instant> {
+        self.times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
+}
+
+/// Opens `line` of `chip` for edge events and starts a thread that queues debounced edges
+/// into `edges` (the camera takes one frame per edge, timed from the edge). The thread blocks
+/// on the kernel's event queue and ends with the process; an error reading events ends it
+/// with a message.
 pub fn spawn_trigger(
     camera: &str,
     chip: &Path,
     line: u32,
     edge: Edge,
     debounce: Duration,
-    counter: Arc<AtomicU64>,
+    edges: Arc<Edges>,
 ) -> Result<(), String> {
     let key = format!("cameras[{camera}].gpio");
     let mut c = open_chip(chip, &key)?;
@@ -168,7 +200,7 @@ pub fn spawn_trigger(
                                 | (EventType::FallingEdge, Edge::Falling)
                         );
                         if wanted && debounce.accept(e.timestamp()) {
-                            counter.fetch_add(1, Ordering::Relaxed);
+                            edges.push(Instant::now());
                         }
                     }
                     Err(e) => {
@@ -235,20 +267,31 @@ mod tests {
     }
 
     #[test]
+    fn edges_wait_in_order_and_a_backlog_drops_the_oldest() {
+        let edges = Edges::default();
+        let t0 = Instant::now();
+        for i in 0..(EDGE_BACKLOG as u64 + 3) {
+            edges.push(t0 + Duration::from_millis(i));
+        }
+        assert_eq!(edges.dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(edges.pop(), Some(t0 + Duration::from_millis(3)));
+        assert_eq!(edges.pop(), Some(t0 + Duration::from_millis(4)));
+    }
+
+    #[test]
     fn a_missing_chip_says_what_to_check() {
         let e = open_reject(Path::new("/dev/gpiochip-not-here"), 27, false)
             .err()
             .unwrap();
         assert!(e.starts_with("reject.chip /dev/gpiochip-not-here"), "{e}");
         assert!(e.contains("ls /dev/gpiochip*"), "{e}");
-        let counter = Arc::new(AtomicU64::new(0));
         let e = spawn_trigger(
             "top",
             Path::new("/dev/gpiochip-not-here"),
             17,
             Edge::Rising,
             Duration::from_millis(20),
-            counter,
+            Arc::new(Edges::default()),
         )
         .unwrap_err();
         assert!(e.starts_with("cameras[top].gpio.chip"), "{e}");

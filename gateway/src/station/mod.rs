@@ -336,17 +336,17 @@ pub fn run(mut config: StationConfig, opts: RunOptions) -> Result<Summary> {
     let mut edges = std::collections::HashMap::new();
     for cam in &shared.config.cameras {
         if let Some(g) = cam.gpio.as_ref().filter(|_| cam.trigger == Trigger::Gpio) {
-            let counter = Arc::new(AtomicU64::new(0));
+            let queue = Arc::new(gpio::Edges::default());
             gpio::spawn_trigger(
                 &cam.name,
                 &g.chip,
                 g.line,
                 g.edge,
                 Duration::from_millis(g.debounce_ms),
-                counter.clone(),
+                queue.clone(),
             )
             .map_err(GatewayError::Config)?;
-            edges.insert(cam.name.clone(), counter);
+            edges.insert(cam.name.clone(), queue);
         }
     }
     if !shared.config.cameras.is_empty() {
@@ -511,8 +511,9 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
         })
 }
 
-/// A folder camera. `edges`: debounced GPIO trigger edges (`trigger = "gpio"`), one frame each.
-fn capture(shared: Arc<Shared>, cam: config::CameraConfig, edges: &AtomicU64) {
+/// A folder camera. `edges`: debounced GPIO trigger edges (`trigger = "gpio"`), one frame
+/// each, the part timed from its edge.
+fn capture(shared: Arc<Shared>, cam: config::CameraConfig, edges: &gpio::Edges) {
     let mut source = match cam.kind {
         #[cfg(feature = "camera")]
         config::SourceKind::Camera => match camera::CameraSource::new(&cam) {
@@ -532,17 +533,27 @@ fn capture(shared: Arc<Shared>, cam: config::CameraConfig, edges: &AtomicU64) {
     let mut index = 0u64;
     let mut failing: Option<String> = None;
     let mut triggers_seen = shared.capture_now.load(Ordering::Relaxed);
-    let mut edges_taken = edges.load(Ordering::Relaxed);
     while !shared.stop.load(Ordering::Relaxed) {
         let mut sample = false;
+        // A GPIO-triggered part is timed from its edge (its reject pulse is due at edge +
+        // reject.delay_ms), not from when the frame was read.
+        let mut edge_at = None;
         match cam.trigger {
             Trigger::Gpio => {
                 // One frame per edge, none skipped when edges come faster than frames.
-                if edges.load(Ordering::Relaxed) == edges_taken {
+                let lost = edges.dropped.swap(0, Ordering::Relaxed);
+                if lost > 0 {
+                    tracing::warn!(
+                        "camera {}: {lost} trigger edges dropped: parts come faster than frames",
+                        cam.name
+                    );
+                    shared.queue.dropped.fetch_add(lost, Ordering::Relaxed);
+                }
+                let Some(at) = edges.pop() else {
                     std::thread::sleep(Duration::from_millis(1));
                     continue;
-                }
-                edges_taken += 1;
+                };
+                edge_at = Some(at);
                 let t = shared.capture_now.load(Ordering::Relaxed);
                 sample = t != triggers_seen;
                 triggers_seen = t;
@@ -576,8 +587,8 @@ fn capture(shared: Arc<Shared>, cam: config::CameraConfig, edges: &AtomicU64) {
         if shared.paused.load(Ordering::Relaxed) {
             continue;
         }
-        let t0 = Instant::now();
-        let captured_ms = now_ms();
+        let t0 = edge_at.unwrap_or_else(Instant::now);
+        let captured_ms = now_ms().saturating_sub(t0.elapsed().as_millis() as u64);
         let (name, image) = match source.next_frame() {
             Ok(Some((name, img))) => {
                 if let Some(why) = failing.take() {
