@@ -149,11 +149,19 @@ impl Inspection {
                 "    threshold   {} ({}){}",
                 a.threshold,
                 a.threshold_method,
-                if a.score_border > 0 {
-                    format!(", {} border cells left out", a.score_border)
-                } else {
-                    String::new()
-                }
+                format!(
+                    "{}{}",
+                    if a.score_border > 0 {
+                        format!(", {} border cells left out", a.score_border)
+                    } else {
+                        String::new()
+                    },
+                    if a.score_top_k > 1 {
+                        format!(", score = mean of the {} largest cells", a.score_top_k)
+                    } else {
+                        String::new()
+                    }
+                )
             );
         }
         let _ = writeln!(

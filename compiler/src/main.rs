@@ -269,6 +269,10 @@ struct TrainAnomalyArgs {
     /// vary from part to part).
     #[arg(long, default_value_t = 0)]
     score_border: usize,
+    /// Image score = mean of the N largest map cells (default 1: the largest), so one odd
+    /// cell weighs less than a few agreeing ones.
+    #[arg(long, default_value_t = 1)]
+    score_top_k: usize,
     #[command(flatten)]
     input: InputArgs,
     #[command(flatten)]
@@ -658,6 +662,7 @@ fn run(cli: Cli) -> Result<()> {
                 aggregation,
                 percentile,
                 score_border,
+                score_top_k,
                 input,
                 quant,
                 max_auroc_drop,
@@ -682,6 +687,7 @@ fn run(cli: Cli) -> Result<()> {
                 aggregation,
                 percentile,
                 score_border,
+                score_top_k,
             };
             let r = neoc::anomaly::train_anomaly(&opts, &boards)?;
             for note in &r.notes {

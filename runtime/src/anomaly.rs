@@ -167,17 +167,24 @@ fn scored(spec: &AnomalySpec, r: usize, c: usize, h: usize, w: usize) -> bool {
     r >= b && r < h - b && c >= b && c < w - b
 }
 
-/// The raw image score of a map: its largest value outside the ignored border (NaN counts as
-/// infinitely anomalous).
+/// The raw image score of a map: its largest value outside the ignored border, or the mean of
+/// its `score_top_k` largest (NaN counts as infinitely anomalous).
 pub fn image_score(spec: &AnomalySpec, values: &[f32], height: usize, width: usize) -> f32 {
-    values
+    let mut cells: Vec<f32> = values
         .iter()
         .enumerate()
         .filter(|(i, _)| scored(spec, i / width.max(1), i % width.max(1), height, width))
-        .fold(
-            0f32,
-            |m, (_, v)| if v.is_nan() { f32::INFINITY } else { m.max(*v) },
-        )
+        .map(|(_, v)| if v.is_nan() { f32::INFINITY } else { *v })
+        .collect();
+    let k = spec.score_top_k.clamp(1, cells.len().max(1));
+    if cells.is_empty() {
+        return 0.0;
+    }
+    if k == 1 {
+        return cells.iter().copied().fold(0f32, f32::max);
+    }
+    cells.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    cells[..k].iter().sum::<f32>() / k as f32
 }
 
 /// Scores a raw map (`values`, `height` x `width`, row-major) of an image of `image_size`.
@@ -314,6 +321,7 @@ mod tests {
             threshold_method: "test".into(),
             training_images: 1,
             score_border: 0,
+            score_top_k: 0,
         }
     }
 
@@ -411,6 +419,11 @@ mod tests {
         // A border too wide for the map is ignored rather than leaving nothing to score.
         s.score_border = 2;
         assert_eq!(image_score(&s, &map, 4, 4), 9.0);
+        // The mean of the three largest: one outlier cell counts for a third.
+        s.score_border = 0;
+        s.score_top_k = 3;
+        map[5] = 3.0;
+        assert_eq!(image_score(&s, &map, 4, 4), (9.0 + 3.0 + 0.5) / 3.0);
     }
 
     #[test]

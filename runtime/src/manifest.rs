@@ -89,6 +89,10 @@ pub struct AnomalySpec {
     /// (image borders that vary from part to part rather than defects).
     #[serde(default)]
     pub score_border: usize,
+    /// The image score is the mean of this many largest map values (0 or 1: the largest).
+    /// A few cells agreeing count more than one outlier cell.
+    #[serde(default)]
+    pub score_top_k: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -100,6 +100,7 @@ fn bottle_detector_from_good_images_reaches_auroc_099() {
         aggregation: 3,
         percentile: 99.5,
         score_border: 0,
+        score_top_k: 1,
     };
     let trained = neoc::anomaly::train_anomaly(&opts, &Boards::shipped()).expect("trains");
     assert_eq!(trained.training_images + trained.held_out_images, 209);

@@ -44,6 +44,8 @@ pub struct TrainOptions {
     pub percentile: f64,
     /// Map cells at each edge left out of the image score.
     pub score_border: usize,
+    /// Image score = mean of this many largest map cells (0 or 1: the largest).
+    pub score_top_k: usize,
 }
 
 /// What a training run did.
@@ -386,6 +388,7 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
         threshold_method: String::new(),
         training_images: train.len(),
         score_border: opts.score_border,
+        score_top_k: opts.score_top_k,
     };
     let detector = compile_proto(detector_proto, &det_opts, Some(spec.clone()))?;
 
