@@ -144,24 +144,20 @@ impl Inspection {
                 "  anomaly       map '{}' from {:?} ({} values per patch, {}x{} average), bank {} rows from {} good images",
                 a.map_output, a.layers, a.feature_dim, a.aggregation, a.aggregation, a.memory_rows, a.training_images
             );
+            let border = if a.score_border > 0 {
+                format!(", {} border cells left out", a.score_border)
+            } else {
+                String::new()
+            };
+            let top_k = if a.score_top_k > 1 {
+                format!(", score = mean of the {} largest cells", a.score_top_k)
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "    threshold   {} ({}){}",
-                a.threshold,
-                a.threshold_method,
-                format!(
-                    "{}{}",
-                    if a.score_border > 0 {
-                        format!(", {} border cells left out", a.score_border)
-                    } else {
-                        String::new()
-                    },
-                    if a.score_top_k > 1 {
-                        format!(", score = mean of the {} largest cells", a.score_top_k)
-                    } else {
-                        String::new()
-                    }
-                )
+                "    threshold   {} ({}){border}{top_k}",
+                a.threshold, a.threshold_method
             );
         }
         let _ = writeln!(
