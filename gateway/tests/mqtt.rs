@@ -11,6 +11,16 @@ use std::time::{Duration, Instant};
 use neo_e2e::{free_port, publish_all, Broker, ReceivedEnvelope, Subscriber};
 use neo_gateway::{Class, Gateway, GatewayConfig};
 
+/// The repository root (fixtures and samples live there).
+fn repo() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Copies the shipped compiled fixture `models/fixtures/<name>.neo` to `to`.
+fn fixture(name: &str, to: &Path) {
+    std::fs::copy(repo().join(format!("models/fixtures/{name}.neo")), to).unwrap();
+}
+
 fn gateway_bin() -> &'static str {
     env!("CARGO_BIN_EXE_neo-gateway")
 }
@@ -747,7 +757,7 @@ fn a_signed_model_deployed_in_chunks_becomes_active_and_a_tampered_one_does_not(
     // to what neoc compiles by neoc's tests), so these tests need no ONNX compiler.
     let work = tempfile::tempdir().unwrap();
     let artifact = work.path().join("bottle.neo");
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let repo = repo();
     std::fs::copy(repo.join("models/fixtures/tiny_conv.neo"), &artifact).unwrap();
     let bytes = std::fs::read(&artifact).unwrap();
 
@@ -906,12 +916,8 @@ fn telemetry_is_published_and_served_on_metrics() {
 #[test]
 fn the_station_daemon_drains_and_says_offline_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::fs::copy(
-        repo.join("models/fixtures/tiny_conv.neo"),
-        dir.path().join("bottle.neo"),
-    )
-    .unwrap();
+    let repo = repo();
+    fixture("tiny_conv", &dir.path().join("bottle.neo"));
     let broker = Broker::start();
     let sub = Subscriber::start(broker.port, "term-sub", "neo/site/line/termdev/#");
     let config = dir.path().join("station.toml");
@@ -1085,7 +1091,7 @@ fn a_model_deployed_by_url_over_http_and_https() {
     use sha2::Digest;
     let work = tempfile::tempdir().unwrap();
     make_certs(work.path());
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let repo = repo();
     let bytes = std::fs::read(repo.join("models/fixtures/tiny_conv.neo")).unwrap();
     let http = serve_artifact(bytes.clone(), None);
     let https = serve_artifact(bytes.clone(), Some(work.path()));
@@ -1210,12 +1216,8 @@ fn a_model_deployed_by_url_over_http_and_https() {
 #[test]
 fn a_station_with_a_gpio_chip_the_board_lacks_does_not_start() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::fs::copy(
-        repo.join("models/fixtures/tiny_conv.neo"),
-        dir.path().join("bottle.neo"),
-    )
-    .unwrap();
+    let repo = repo();
+    fixture("tiny_conv", &dir.path().join("bottle.neo"));
     let station = |camera_extra: &str, reject: &str| {
         format!(
             r#"
@@ -1284,12 +1286,8 @@ fn a_stalled_inspection_gets_fail_safe_verdicts_alarms_and_a_fresh_worker() {
     use std::os::unix::net::UnixDatagram;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::fs::copy(
-        repo.join("models/fixtures/slow_matmul.neo"),
-        d.join("slow.neo"),
-    )
-    .unwrap();
+    let repo = repo();
+    fixture("slow_matmul", &d.join("slow.neo"));
     std::fs::create_dir(d.join("frames")).unwrap();
     for name in [
         "bottle_good_000.png",
@@ -1411,7 +1409,7 @@ metrics_addr = "127.0.0.1:{http}"
 #[test]
 fn logs_are_json_lines_with_levels_when_asked() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let repo = repo();
     std::fs::write(dir.path().join("broken.neo"), b"not an artifact").unwrap();
     let config = dir.path().join("station.toml");
     std::fs::write(
