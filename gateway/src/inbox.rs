@@ -78,15 +78,22 @@ impl FrameInbox {
         )
     }
 
-    /// The largest frame any camera takes.
-    pub fn max_bytes(&self) -> usize {
-        self.senders.values().map(|(_, m)| *m).max().unwrap_or(0)
+    /// The largest frame `camera` takes; an unknown camera is refused (and counted), naming
+    /// those that can be pushed to.
+    pub fn limit(&self, camera: &str) -> Result<usize, PushError> {
+        match self.senders.get(camera) {
+            Some((_, max_bytes)) => Ok(*max_bytes),
+            None => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                let mut known: Vec<&str> = self.senders.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                Err(PushError::UnknownCamera(camera.into(), known.join(", ")))
+            }
+        }
     }
 
-    pub fn accepts(&self, camera: &str) -> Option<usize> {
-        self.senders.get(camera).map(|(_, m)| *m)
-    }
-
+    /// Queues a frame for `camera`'s station thread; the error says why it was not taken
+    /// (counted in `refused`).
     pub fn deliver(
         &self,
         camera: &str,
@@ -94,31 +101,16 @@ impl FrameInbox {
         via: &'static str,
         name: Option<String>,
     ) -> Result<(), PushError> {
-        let result = self.try_deliver(camera, bytes, via, name);
-        match &result {
-            Ok(()) => self.received.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.refused.fetch_add(1, Ordering::Relaxed),
-        };
-        result
-    }
-
-    fn try_deliver(
-        &self,
-        camera: &str,
-        bytes: Bytes,
-        via: &'static str,
-        name: Option<String>,
-    ) -> Result<(), PushError> {
-        let Some((tx, max_bytes)) = self.senders.get(camera) else {
-            let mut known: Vec<&str> = self.senders.keys().map(String::as_str).collect();
-            known.sort_unstable();
-            return Err(PushError::UnknownCamera(camera.into(), known.join(", ")));
+        let max_bytes = self.limit(camera)?;
+        let refuse = |e: PushError| {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            Err(e)
         };
         if bytes.is_empty() {
-            return Err(PushError::Empty);
+            return refuse(PushError::Empty);
         }
-        if bytes.len() > *max_bytes {
-            return Err(PushError::TooLarge(bytes.len(), *max_bytes));
+        if bytes.len() > max_bytes {
+            return refuse(PushError::TooLarge(bytes.len(), max_bytes));
         }
         let frame = PushedFrame {
             bytes,
@@ -126,11 +118,14 @@ impl FrameInbox {
             via,
             name,
         };
-        match tx.try_send(frame) {
-            Ok(()) => Ok(()),
-            // A station that stopped reading is as good as a full one.
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                Err(PushError::Full(camera.into()))
+        // A station that stopped reading is as good as a full one.
+        match self.senders.get(camera).map(|(tx, _)| tx.try_send(frame)) {
+            Some(Ok(())) => {
+                self.received.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Some(Err(TrySendError::Full(_) | TrySendError::Disconnected(_))) | None => {
+                refuse(PushError::Full(camera.into()))
             }
         }
     }

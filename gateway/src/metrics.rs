@@ -378,14 +378,9 @@ impl Gateway {
                 "this station has no camera of kind \"push\"".into(),
             ));
         };
-        let Some(max) = inbox.accepts(camera) else {
-            // Delivering to an unknown camera fails with the list of known ones (and counts).
-            let e = inbox.deliver(camera, bytes::Bytes::from_static(b"?"), "http", None);
-            return Err((
-                "404 Not Found",
-                e.err().map(|e| e.to_string()).unwrap_or_default(),
-            ));
-        };
+        let max = inbox
+            .limit(camera)
+            .map_err(|e| ("404 Not Found", e.to_string()))?;
         // Each upload may buffer up to max_bytes: only a few at a time.
         struct Slot<'a>(&'a std::sync::atomic::AtomicUsize);
         impl Drop for Slot<'_> {

@@ -754,11 +754,12 @@ fn inspect_loop(
                 None,
             ),
         };
-        if !shared.watch.end(generation) {
+        match shared.watch.end(generation) {
             // The watchdog gave this frame its fail-safe verdict and started another worker.
-            return;
+            None => return,
+            Some(true) => shared.gateway.set_problem("inspection", None),
+            Some(false) => {}
         }
-        shared.gateway.set_problem("inspection", None);
         publish_result(
             &shared,
             &frame,
@@ -1054,17 +1055,8 @@ async fn command_loop(shared: Arc<Shared>, mut commands: crate::command::Command
                             Ok(mut slot) => *slot = Ok(Arc::new(m)),
                             Err(p) => *p.into_inner() = Ok(Arc::new(m)),
                         }
-                        let confirmed = slots.confirm();
                         g.set_problem("model", None);
-                        g.ack(
-                            id,
-                            "deploy",
-                            confirmed.is_ok(),
-                            &match confirmed {
-                                Ok(()) => format!("{name} is inspecting"),
-                                Err(e) => format!("{name} runs but could not be confirmed: {e}"),
-                            },
-                        );
+                        confirm_and_ack(&g, &slots, id, format!("{name} is inspecting"));
                     }
                     other => {
                         let why = match other {
@@ -1145,18 +1137,7 @@ async fn sensor_model_activated(
         }
     };
     match answer {
-        Ok(model) => {
-            let confirmed = slots.confirm();
-            g.ack(
-                id,
-                "deploy",
-                confirmed.is_ok(),
-                &match confirmed {
-                    Ok(()) => format!("{model} is watching {sensor}"),
-                    Err(e) => format!("{model} watches {sensor} but could not be confirmed: {e}"),
-                },
-            );
-        }
+        Ok(model) => confirm_and_ack(g, &slots, id, format!("{model} is watching {sensor}")),
         Err(why) => {
             let back = slots.rollback();
             g.ack(
@@ -1166,5 +1147,18 @@ async fn sensor_model_activated(
                 &format!("{name} for sensor {sensor}: {why}; rolled back: {back:?}"),
             );
         }
+    }
+}
+
+/// A deployed model runs: keeps it (confirms its slot) and acknowledges the deployment.
+fn confirm_and_ack(g: &Gateway, slots: &Slots, id: Option<&str>, running: String) {
+    match slots.confirm() {
+        Ok(()) => g.ack(id, "deploy", true, &running),
+        Err(e) => g.ack(
+            id,
+            "deploy",
+            false,
+            &format!("{running}, but the slot could not be confirmed: {e}"),
+        ),
     }
 }

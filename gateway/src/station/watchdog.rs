@@ -53,19 +53,19 @@ impl Watch {
         });
     }
 
-    /// Worker `generation` decided its frame: true when the frame is still its own to
-    /// publish, false when the watchdog took it (the worker must retire).
-    pub fn end(&self, generation: u64) -> bool {
+    /// Worker `generation` decided its frame. `None`: the watchdog took the frame (the
+    /// worker must retire). `Some(recovered)`: the frame is the worker's to publish;
+    /// `recovered` when it is the first decided in time after a stall.
+    pub fn end(&self, generation: u64) -> Option<bool> {
         let mut current = self.lock();
         match current.as_ref() {
             Some(f) if f.generation == generation => {
                 *current = None;
-                self.stalls_in_a_row.store(0, Ordering::Relaxed);
-                true
+                Some(self.stalls_in_a_row.swap(0, Ordering::Relaxed) > 0)
             }
             // Idle (never begun) counts as ours; a newer generation means we were retired.
-            None => self.generation.load(Ordering::Relaxed) == generation,
-            Some(_) => false,
+            None if self.generation.load(Ordering::Relaxed) == generation => Some(false),
+            _ => None,
         }
     }
 
@@ -108,7 +108,7 @@ mod tests {
         let w = Watch::default();
         w.begin(0, &frame(), 1.0);
         assert!(w.take_stalled(Duration::from_secs(10)).is_none());
-        assert!(w.end(0));
+        assert_eq!(w.end(0), Some(false));
         assert_eq!(w.restarts.load(Ordering::Relaxed), 0);
     }
 
@@ -121,12 +121,14 @@ mod tests {
         assert_eq!((stuck.frame.index, stuck.generation), (7, 0));
         assert_eq!(w.generation.load(Ordering::Relaxed), 1);
         // The old worker comes back late: not its frame any more.
-        assert!(!w.end(0));
-        // The new worker works normally, and a frame in time clears the stall count.
+        assert_eq!(w.end(0), None);
+        // The new worker works normally; its first frame in time ends the stall.
         assert_eq!(w.stalls_in_a_row.load(Ordering::Relaxed), 1);
         w.begin(1, &frame(), 1.0);
-        assert!(w.end(1));
+        assert_eq!(w.end(1), Some(true));
         assert_eq!(w.stalls_in_a_row.load(Ordering::Relaxed), 0);
-        assert!(!w.end(0), "a retired worker stays retired while idle");
+        w.begin(1, &frame(), 1.0);
+        assert_eq!(w.end(1), Some(false));
+        assert_eq!(w.end(0), None, "a retired worker stays retired while idle");
     }
 }
