@@ -41,6 +41,8 @@ pub struct CardPreprocess {
     pub std: Option<Vec<f32>>,
     /// Per-image standardization before mean/std (see the manifest's `standardize`).
     pub standardize: Option<bool>,
+    /// Local-mean subtraction window in pixels (see the manifest's `flatten`).
+    pub flatten: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

@@ -34,6 +34,8 @@ pub struct CompileOptions {
     pub std: Option<Vec<f32>>,
     /// Per-image standardization (ORed with the card's).
     pub standardize: bool,
+    /// Local-mean subtraction window (overrides the card's).
+    pub flatten: Option<u32>,
     pub outputs: Vec<String>,
     pub task: Option<Task>,
     pub scores: Option<Scores>,
@@ -287,6 +289,7 @@ pub fn compile_imported(
     let manifest = Manifest {
         format_version: neo_runtime::manifest::format_version_for(
             quantization.as_ref().is_some_and(|q| q.packed_tensors > 0),
+            std::slice::from_ref(&input),
         ),
         name,
         compiler: compiler_info(),
@@ -555,6 +558,12 @@ fn input_spec(
         .unwrap_or(vec![0.0; c]);
     let std = opts.std.clone().or(pre.std.clone()).unwrap_or(vec![1.0; c]);
     let scale = opts.scale.or(pre.scale).unwrap_or(1.0);
+    let flatten = opts.flatten.or(pre.flatten);
+    if let Some(k) = flatten.filter(|&k| k < 3) {
+        return Err(opt(format!(
+            "a flatten window of {k} pixels removes nothing: use 3 or more (wider than the defects, narrower than the lighting changes)"
+        )));
+    }
     if mean.len() != c || std.len() != c {
         return Err(opt(format!(
             "--mean and --std need {c} values each (one per channel)"
@@ -580,6 +589,7 @@ fn input_spec(
             mean,
             std,
             standardize: opts.standardize || pre.standardize.unwrap_or(false),
+            flatten,
         }),
     })
 }

@@ -122,6 +122,18 @@ impl Inspection {
                     "    preprocess  resize {:?} ({:?}), crop {:?}, channels {:?}, (x*{} - mean {:?}) / std {:?}",
                     p.resize, p.interpolation, p.crop, p.channels, p.scale, p.mean, p.std
                 );
+                if let Some(k) = p.flatten {
+                    let _ = writeln!(
+                        s,
+                        "                local mean over {k}x{k} subtracted first"
+                    );
+                }
+                if p.standardize {
+                    let _ = writeln!(
+                        s,
+                        "                each image standardized (mean 128, std 48) first"
+                    );
+                }
             }
         }
         for o in &m.outputs {

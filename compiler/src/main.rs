@@ -101,6 +101,11 @@ struct InputArgs {
     /// changes between frames stop looking like defects.
     #[arg(long)]
     standardize: bool,
+    /// Subtract each pixel's local mean over a KxK window (pixels at the model's input size)
+    /// before --standardize: uneven lighting and shading across the part stop looking like
+    /// defects, while texture and defects smaller than the window stay.
+    #[arg(long, value_name = "K")]
+    flatten: Option<u32>,
 }
 
 #[derive(Args)]
@@ -505,6 +510,7 @@ fn options(
             .map(|m| parse_floats("--mean", m))
             .transpose()?,
         standardize: a.standardize,
+        flatten: a.flatten,
         std: a
             .std
             .as_deref()

@@ -447,6 +447,48 @@ fn anomaly_detector_trains_from_good_images_and_flags_defects() {
         "{}",
         a.threshold_method
     );
+
+    // Local-mean subtraction before standardization: format 3, shown by inspect, and the
+    // detector still tells the broken bottle from the good one.
+    let out3 = dir.path().join("detector-flat.neo");
+    let (code, _, stderr) = neoc(&[
+        "train",
+        "anomaly",
+        "--backbone",
+        path_str(&backbone),
+        "--layers",
+        "stage3,stage4",
+        "--normal",
+        path_str(&good),
+        "-o",
+        path_str(&out3),
+        "--coreset-ratio",
+        "0.1",
+        "--standardize",
+        "--flatten",
+        "15",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let m = Model::load(&out3).unwrap();
+    assert_eq!(m.manifest().format_version, 3);
+    let p = m.manifest().inputs[0].preprocess.clone().unwrap();
+    assert_eq!((p.flatten, p.standardize), (Some(15), true));
+    let score = |file: &str| {
+        let img = image::open(repo().join("models/samples").join(file)).unwrap();
+        let (preds, _) = m.predict(&img, 1).unwrap();
+        preds[0].anomaly.clone().unwrap().score
+    };
+    let (good_score, broken_score) = (
+        score("bottle_good_003.png"),
+        score("bottle_broken_large_000.png"),
+    );
+    assert!(good_score < broken_score, "{good_score} vs {broken_score}");
+    let (code, stdout, stderr) = neoc(&["inspect", path_str(&out3)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("local mean over 15x15 subtracted first"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -493,6 +535,10 @@ fn anomaly_training_refuses_bad_input_clearly() {
             "fewer than one image's 784",
             "at least 0.1",
         ],
+    );
+    assert_clear_error(
+        &refs(&train(&good, "stage3", &["--flatten", "1"])),
+        &["flatten window of 1 pixels removes nothing", "3 or more"],
     );
     assert!(!out.exists());
 }

@@ -355,6 +355,7 @@ mod tests {
             mean: vec![0.0; 3],
             std: vec![1.0; 3],
             standardize: false,
+            flatten: None,
         };
         // 512x256 image → resized 512x256 → crop x 144..368, y 16..240.
         let (x0, y0, x1, y1) = input_window(&p, 512, 256);

@@ -4,14 +4,21 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Artifact format version this runtime writes and reads. Bump on any incompatible change.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Oldest format this runtime still reads.
 pub const MIN_FORMAT_VERSION: u32 = 1;
-/// The format an artifact needs: 2 when its graph holds int8-packed weights
-/// (`model.nnef.tar` entries `NAME.dat.q8`, see [`crate::int8`]), which a v1 runtime would
-/// not find; 1 otherwise, so plain artifacts stay readable by older devices.
-pub fn format_version_for(int8_packed: bool) -> u32 {
-    if int8_packed {
+/// The oldest format that can express an artifact, so older devices keep reading what they
+/// can run: 3 when an input is preprocessed with `flatten` (a v2 runtime would skip the step
+/// and compute on different pixels), 2 when its graph holds int8-packed weights
+/// (`model.nnef.tar` entries `NAME.dat.q8`, see [`crate::int8`]), which a v1 runtime would not
+/// find; 1 otherwise.
+pub fn format_version_for(int8_packed: bool, inputs: &[InputSpec]) -> u32 {
+    let flattened = inputs
+        .iter()
+        .any(|i| i.preprocess.as_ref().is_some_and(|p| p.flatten.is_some()));
+    if flattened {
+        3
+    } else if int8_packed {
         2
     } else {
         1
@@ -187,6 +194,12 @@ pub struct Preprocess {
     /// do not look like defects.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub standardize: bool,
+    /// After resizing and before `standardize`: subtract from each pixel the mean of the
+    /// `flatten`×`flatten` window around it (then add 128), which removes uneven lighting and
+    /// shading across the part and keeps local texture and defects. Windows are cut at the
+    /// image's edges. Artifacts using it are format 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flatten: Option<u32>,
 }
 
 /// How the decoded image is resized.

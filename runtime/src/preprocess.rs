@@ -94,33 +94,69 @@ fn geometry(p: &Preprocess, img: &DynamicImage, want_w: u32, want_h: u32) -> Res
     Ok(out)
 }
 
-/// Mean and standard deviation of each channel, in the model's channel order.
-fn channel_stats(img: &DynamicImage, order: ChannelOrder) -> Vec<(f32, f32)> {
-    let stats = |values: &mut dyn Iterator<Item = u8>| {
-        let (mut n, mut sum, mut sq) = (0f64, 0f64, 0f64);
-        for v in values {
-            let v = v as f64;
-            n += 1.0;
-            sum += v;
-            sq += v * v;
-        }
-        let mean = sum / n.max(1.0);
-        (
-            (mean) as f32,
-            ((sq / n.max(1.0) - mean * mean).max(0.0).sqrt()) as f32,
-        )
-    };
+/// The image's channels as f32 planes (row-major), in the model's channel order.
+fn planes(img: &DynamicImage, order: ChannelOrder) -> Vec<Vec<f32>> {
     match order {
-        ChannelOrder::Gray => vec![stats(&mut img.to_luma8().pixels().map(|p| p.0[0]))],
+        ChannelOrder::Gray => vec![img.to_luma8().pixels().map(|p| p.0[0] as f32).collect()],
         order => {
             let rgb = img.to_rgb8();
-            let mut per: Vec<(f32, f32)> = (0..3)
-                .map(|c| stats(&mut rgb.pixels().map(|p| p.0[c])))
+            let mut per: Vec<Vec<f32>> = (0..3)
+                .map(|c| rgb.pixels().map(|p| p.0[c] as f32).collect())
                 .collect();
             if order == ChannelOrder::Bgr {
                 per.swap(0, 2);
             }
             per
+        }
+    }
+}
+
+/// Mean and standard deviation of one plane.
+fn plane_stats(plane: &[f32]) -> (f32, f32) {
+    let n = plane.len().max(1) as f64;
+    let (sum, sq) = plane.iter().fold((0f64, 0f64), |(s, q), &v| {
+        let v = v as f64;
+        (s + v, q + v * v)
+    });
+    let mean = sum / n;
+    (mean as f32, (sq / n - mean * mean).max(0.0).sqrt() as f32)
+}
+
+/// Sliding-window sums of `len` values read with `stride` from `src[start..]` over the window
+/// `[i - r, i + r]` cut at the ends, written to `dst` (same positions).
+fn box_sums(src: &[f64], start: usize, stride: usize, len: usize, r: usize, dst: &mut [f64]) {
+    let at = |i: usize| src[start + i * stride];
+    let mut sum: f64 = (0..len.min(r + 1)).map(at).sum();
+    for i in 0..len {
+        dst[start + i * stride] = sum;
+        if i + r + 1 < len {
+            sum += at(i + r + 1);
+        }
+        if i >= r {
+            sum -= at(i - r);
+        }
+    }
+}
+
+/// `v - mean of the k×k window around v + 128` for every pixel (windows cut at the edges, so
+/// a border pixel is compared with the part of the window inside the image).
+fn flatten(plane: &mut [f32], w: usize, h: usize, k: u32) {
+    let r = (k / 2) as usize;
+    let src: Vec<f64> = plane.iter().map(|&v| v as f64).collect();
+    let mut rows = vec![0f64; src.len()];
+    for y in 0..h {
+        box_sums(&src, y * w, 1, w, r, &mut rows);
+    }
+    let mut sums = vec![0f64; src.len()];
+    for x in 0..w {
+        box_sums(&rows, x, w, h, r, &mut sums);
+    }
+    let count = |i: usize, n: usize| (i.min(r) + (n - 1 - i).min(r) + 1) as f64;
+    for y in 0..h {
+        for x in 0..w {
+            let i = y * w + x;
+            let mean = sums[i] / (count(x, w) * count(y, h));
+            plane[i] = (src[i] - mean + 128.0) as f32;
         }
     }
 }
@@ -155,44 +191,30 @@ pub fn image_to_input(spec: &InputSpec, img: &DynamicImage) -> Result<Vec<f32>> 
         )));
     }
     let img = geometry(p, img, w as u32, h as u32)?;
-    // Per-channel affine map: (v * scale - mean) / std == v * a + b.
-    let mut a: Vec<f32> = p.std.iter().map(|s| p.scale / s).collect();
-    let mut b: Vec<f32> = p.mean.iter().zip(&p.std).map(|(m, s)| -m / s).collect();
-    if p.standardize {
-        // v' = (v - mu) / sigma * 48 + 128, folded into the same affine map.
-        for (ch, (mu, sigma)) in channel_stats(&img, p.channels).into_iter().enumerate() {
-            let k = 48.0 / sigma.max(1.0);
-            b[ch] += a[ch] * (128.0 - mu * k);
-            a[ch] *= k;
+    let mut planes = planes(&img, p.channels);
+    if let Some(k) = p.flatten {
+        for plane in &mut planes {
+            flatten(plane, w, h, k);
         }
     }
     let plane = h * w;
     let mut out = vec![0f32; c * plane];
-    let mut put = |pixel: usize, ch: usize, v: u8| {
-        let value = v as f32 * a[ch] + b[ch];
-        match spec.layout {
-            Layout::Nchw => out[ch * plane + pixel] = value,
-            Layout::Nhwc => out[pixel * c + ch] = value,
+    for (ch, values) in planes.iter().enumerate() {
+        // Per-channel affine map: (v * scale - mean) / std == v * a + b.
+        let mut a = p.scale / p.std[ch];
+        let mut b = -p.mean[ch] / p.std[ch];
+        if p.standardize {
+            // v' = (v - mu) / sigma * 48 + 128, folded into the same affine map.
+            let (mu, sigma) = plane_stats(values);
+            let k = 48.0 / sigma.max(1.0);
+            b += a * (128.0 - mu * k);
+            a *= k;
         }
-    };
-    match p.channels {
-        ChannelOrder::Gray => {
-            for (i, px) in img.to_luma8().pixels().enumerate() {
-                put(i, 0, px.0[0]);
-            }
-        }
-        order => {
-            let rgb = img.to_rgb8();
-            for (i, px) in rgb.pixels().enumerate() {
-                let [r, g, b] = px.0;
-                let (c0, c2) = if order == ChannelOrder::Bgr {
-                    (b, r)
-                } else {
-                    (r, b)
-                };
-                put(i, 0, c0);
-                put(i, 1, g);
-                put(i, 2, c2);
+        for (pixel, &v) in values.iter().enumerate() {
+            let value = v * a + b;
+            match spec.layout {
+                Layout::Nchw => out[ch * plane + pixel] = value,
+                Layout::Nhwc => out[pixel * c + ch] = value,
             }
         }
     }
@@ -221,6 +243,7 @@ mod tests {
                 mean: vec![10.0; c],
                 std: vec![2.0; c],
                 standardize: false,
+                flatten: None,
             }),
         }
     }
@@ -315,6 +338,41 @@ mod tests {
             (d[0] + 1.0).abs() < 1e-5 && (d[1] - 1.0).abs() < 1e-5,
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn flatten_removes_shading_and_keeps_a_spot() {
+        // A horizontal brightness ramp (uneven lighting) with a dark 2x2 spot.
+        let img = GrayImage::from_fn(32, 32, |x, y| {
+            let ramp = 40 + 5 * x;
+            let spot = (15..17).contains(&x) && (15..17).contains(&y);
+            image::Luma([(if spot { ramp - 30 } else { ramp }) as u8])
+        });
+        let mut s = spec(Layout::Nchw, ChannelOrder::Gray, vec![1, 1, 32, 32]);
+        if let Some(p) = s.preprocess.as_mut() {
+            p.resize = Resize::Exact {
+                width: 32,
+                height: 32,
+            };
+            p.crop = None;
+            p.mean = vec![0.0];
+            p.std = vec![1.0];
+            p.flatten = Some(9);
+        }
+        let v = image_to_input(&s, &DynamicImage::ImageLuma8(img)).unwrap();
+        let at = |x: usize, y: usize| v[y * 32 + x];
+        // On a linear ramp the window's mean is the centre value: the ramp is gone.
+        for (x, y) in [(5, 5), (26, 20), (10, 28)] {
+            assert!((at(x, y) - 128.0).abs() < 1e-3, "({x}, {y}): {}", at(x, y));
+        }
+        // The spot keeps its depth (30 less a 4/81 share of itself in the window).
+        assert!(
+            (at(15, 15) - (128.0 - 30.0 + 30.0 * 4.0 / 81.0)).abs() < 0.2,
+            "{}",
+            at(15, 15)
+        );
+        // At the edge the window is cut: the left column sees only brighter neighbours.
+        assert!(at(0, 10) < 128.0 - 5.0, "{}", at(0, 10));
     }
 
     #[test]

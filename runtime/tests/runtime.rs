@@ -64,6 +64,7 @@ fn manifest(channels: ChannelOrder) -> Manifest {
                 mean: vec![0.0; 3],
                 std: vec![1.0; 3],
                 standardize: false,
+                flatten: None,
             }),
         }],
         outputs: vec![OutputSpec {
