@@ -372,20 +372,26 @@ fn anomaly_detector_trains_from_good_images_and_flags_defects() {
     let good = good_folder(dir.path());
     let out = dir.path().join("detector.neo");
     let backbone = repo().join("models/bottle-classifier/model.onnx");
-    let (code, _, stderr) = neoc(&[
-        "train",
-        "anomaly",
-        "--backbone",
-        path_str(&backbone),
-        "--layers",
-        "stage3,stage4",
-        "--normal",
-        path_str(&good),
-        "-o",
-        path_str(&out),
-        "--coreset-ratio",
-        "0.1",
-    ]);
+    // Trains a stage3,stage4 detector on `good` with a 10 % coreset plus `extra` flags.
+    let train = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "anomaly",
+            "--backbone",
+            path_str(&backbone),
+            "--layers",
+            "stage3,stage4",
+            "--normal",
+            path_str(&good),
+            "-o",
+            path_str(out),
+            "--coreset-ratio",
+            "0.1",
+        ];
+        args.extend_from_slice(extra);
+        neoc(&args)
+    };
+    let (code, _, stderr) = train(&out, &[]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("trained on 11 good images"), "{stderr}");
 
@@ -423,22 +429,7 @@ fn anomaly_detector_trains_from_good_images_and_flags_defects() {
         std::fs::copy(repo().join("models/samples").join(f), defects.join(f)).unwrap();
     }
     let out2 = dir.path().join("detector-f1.neo");
-    let (code, _, stderr) = neoc(&[
-        "train",
-        "anomaly",
-        "--backbone",
-        path_str(&backbone),
-        "--layers",
-        "stage3,stage4",
-        "--normal",
-        path_str(&good),
-        "--defects",
-        path_str(&defects),
-        "-o",
-        path_str(&out2),
-        "--coreset-ratio",
-        "0.1",
-    ]);
+    let (code, _, stderr) = train(&out2, &["--defects", path_str(&defects)]);
     assert_eq!(code, 0, "{stderr}");
     let m = Model::load(&out2).unwrap();
     let a = m.manifest().anomaly.clone().unwrap();
@@ -451,23 +442,7 @@ fn anomaly_detector_trains_from_good_images_and_flags_defects() {
     // Local-mean subtraction before standardization: format 3, shown by inspect, and the
     // detector still tells the broken bottle from the good one.
     let out3 = dir.path().join("detector-flat.neo");
-    let (code, _, stderr) = neoc(&[
-        "train",
-        "anomaly",
-        "--backbone",
-        path_str(&backbone),
-        "--layers",
-        "stage3,stage4",
-        "--normal",
-        path_str(&good),
-        "-o",
-        path_str(&out3),
-        "--coreset-ratio",
-        "0.1",
-        "--standardize",
-        "--flatten",
-        "15",
-    ]);
+    let (code, _, stderr) = train(&out3, &["--standardize", "--flatten", "15"]);
     assert_eq!(code, 0, "{stderr}");
     let m = Model::load(&out3).unwrap();
     assert_eq!(m.manifest().format_version, 3);
