@@ -252,6 +252,10 @@ struct TrainAnomalyArgs {
     /// maximizes F1 instead of taking a percentile of good scores.
     #[arg(long)]
     defects: Option<PathBuf>,
+    /// Folder with one subfolder of images per defect type (crack/, scratch/ …): also trains
+    /// a defect-type head, so NG results name the type ("NG: crack 0.91").
+    #[arg(long, value_name = "DIR")]
+    defect_types: Option<PathBuf>,
     /// Board to compile for (see `neoc boards`).
     #[arg(long, short, default_value = "x86_64")]
     target: String,
@@ -649,6 +653,12 @@ fn run(cli: Cli) -> Result<()> {
                 report.latency_ms_p50,
                 report.latency_ms_p99
             );
+            if let Some(t) = &report.defect_types {
+                eprintln!(
+                    "defect type right on {}/{} defective images the head was not trained on ({:.3}; {} trained on left out)",
+                    t.correct, t.images, t.accuracy, t.skipped_trained
+                );
+            }
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Train {
@@ -661,6 +671,7 @@ fn run(cli: Cli) -> Result<()> {
                 dataset,
                 train_good,
                 defects,
+                defect_types,
                 target,
                 output,
                 memory_budget,
@@ -694,6 +705,7 @@ fn run(cli: Cli) -> Result<()> {
                 percentile,
                 score_border,
                 score_top_k,
+                defect_types,
             };
             let r = neoc::anomaly::train_anomaly(&opts, &boards)?;
             for note in &r.notes {

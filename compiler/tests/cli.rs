@@ -467,6 +467,90 @@ fn anomaly_detector_trains_from_good_images_and_flags_defects() {
 }
 
 #[test]
+fn a_defect_type_head_names_the_type_of_unseen_defects() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = good_folder(dir.path());
+    // Six variants of each shipped defect sample: four per type train the head, two go to an
+    // MVTec-style test folder it never sees.
+    let types = dir.path().join("types");
+    let ds = dir.path().join("ds");
+    let kinds = [
+        ("broken_large", "bottle_broken_large_000.png"),
+        ("broken_small", "bottle_broken_small_001.png"),
+        ("contamination", "bottle_contamination_000.png"),
+    ];
+    for (kind, file) in kinds {
+        let folder = augmented_folder(&types, kind, &[file]);
+        let test = ds.join("test").join(kind);
+        std::fs::create_dir_all(&test).unwrap();
+        for n in ["00", "03"] {
+            let name = format!("{kind}_{n}.png");
+            std::fs::rename(folder.join(&name), test.join(&name)).unwrap();
+        }
+    }
+    let test_good = ds.join("test/good");
+    std::fs::create_dir_all(&test_good).unwrap();
+    std::fs::copy(
+        repo().join("models/samples/bottle_good_003.png"),
+        test_good.join("good.png"),
+    )
+    .unwrap();
+    let backbone = repo().join("models/bottle-classifier/model.onnx");
+    let det = dir.path().join("typed.neo");
+    let (code, _, stderr) = neoc(&[
+        "train",
+        "anomaly",
+        "--backbone",
+        path_str(&backbone),
+        "--layers",
+        "stage3,stage4",
+        "--normal",
+        path_str(&good),
+        "--defect-types",
+        path_str(&types),
+        "-o",
+        path_str(&det),
+        "--coreset-ratio",
+        "0.1",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(
+            "defect types [\"broken_large\", \"broken_small\", \"contamination\"] from 12 labelled images"
+        ),
+        "{stderr}"
+    );
+    let model = Model::load(&det).unwrap();
+    let spec = model.manifest().anomaly.clone().unwrap();
+    let head = spec.defect_types.clone().unwrap();
+    assert_eq!((head.labels.len(), head.trained_on.len()), (3, 12));
+    assert_eq!(head.weights.len(), 3 * spec.feature_dim);
+    // The patch features feed the head; they are not reported as a prediction.
+    let img = image::open(repo().join("models/samples/bottle_broken_large_000.png")).unwrap();
+    let (preds, _) = model.predict(&img, 1).unwrap();
+    assert_eq!(preds.len(), 1);
+    let a = preds[0].anomaly.clone().unwrap();
+    assert_eq!(a.verdict, neo_runtime::anomaly::Verdict::Ng);
+    assert_eq!(
+        a.defect_type.map(|t| t.label).as_deref(),
+        Some("broken_large")
+    );
+
+    let (code, stdout, stderr) = neoc(&["eval", path_str(&det), "--dataset", path_str(&ds)]);
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let t = &report["defect_types"];
+    assert_eq!(t["images"], 6, "{t}");
+    assert_eq!(t["skipped_trained"], 0, "{t}");
+    let correct = t["correct"].as_u64().unwrap();
+    assert!(
+        correct >= 4,
+        "better than chance (2 of 6) on unseen variants: {t}"
+    );
+    assert!(stderr.contains("defect type right on"), "{stderr}");
+}
+
+#[test]
 fn anomaly_training_refuses_bad_input_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let backbone = repo().join("models/bottle-classifier/model.onnx");

@@ -4,7 +4,8 @@
 //! nearest-neighbour search against its memory bank are all graph operators); this module
 //! turns the map into what a line needs.
 
-use crate::manifest::{AnomalySpec, Preprocess};
+use crate::error::{Result, RuntimeError};
+use crate::manifest::{AnomalySpec, DefectTypes, Preprocess};
 use crate::preprocess::resized_size;
 use serde::Serialize;
 
@@ -136,6 +137,9 @@ pub struct AnomalyResult {
     /// Image score before normalization (largest patch distance).
     pub raw_score: f32,
     pub regions: Vec<Region>,
+    /// The most likely defect type, for NG parts of detectors with a defect-type head.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub defect_type: Option<DefectType>,
     #[serde(skip)]
     pub map: AnomalyMap,
 }
@@ -185,6 +189,90 @@ pub fn image_score(spec: &AnomalySpec, values: &[f32], height: usize, width: usi
     }
     cells.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
     cells[..k].iter().sum::<f32>() / k as f32
+}
+
+/// A defect type and the head's probability for it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DefectType {
+    pub label: String,
+    pub probability: f32,
+}
+
+/// The mean patch feature of the `pool_cells` most anomalous scored cells of a map: what the
+/// defect-type head reads. `features` is [cells, dim] in map order.
+pub fn pooled_features(
+    spec: &AnomalySpec,
+    pool_cells: usize,
+    map: &[f32],
+    height: usize,
+    width: usize,
+    features: &[f32],
+) -> Result<Vec<f32>> {
+    let cells = height * width;
+    let dim = spec.feature_dim;
+    if map.len() != cells || features.len() != cells * dim {
+        return Err(RuntimeError::BadManifest(format!(
+            "defect-type features: {} values for a {height}x{width} map of {dim}-value patches",
+            features.len()
+        )));
+    }
+    let mut order: Vec<usize> = (0..cells)
+        .filter(|&i| scored(spec, i / width, i % width, height, width))
+        .collect();
+    let key = |i: usize| {
+        if map[i].is_nan() {
+            f32::INFINITY
+        } else {
+            map[i]
+        }
+    };
+    order.sort_by(|&a, &b| key(b).total_cmp(&key(a)));
+    order.truncate(pool_cells.max(1));
+    let mut pooled = vec![0f32; dim];
+    for &i in &order {
+        for (p, f) in pooled.iter_mut().zip(&features[i * dim..(i + 1) * dim]) {
+            *p += f;
+        }
+    }
+    let n = order.len().max(1) as f32;
+    pooled.iter_mut().for_each(|p| *p /= n);
+    Ok(pooled)
+}
+
+/// Softmax of a linear layer: `weights` row-major [bias.len(), x.len()].
+pub fn linear_softmax(weights: &[f32], bias: &[f32], x: &[f32]) -> Vec<f32> {
+    let dim = x.len();
+    let logits: Vec<f32> = bias
+        .iter()
+        .enumerate()
+        .map(|(k, b)| {
+            let row = weights.get(k * dim..(k + 1) * dim).unwrap_or(&[]);
+            b + row.iter().zip(x).map(|(w, v)| w * v).sum::<f32>()
+        })
+        .collect();
+    crate::model::softmax(&logits)
+}
+
+/// The most likely defect type of an image from its raw map and patch features.
+pub fn defect_type(
+    spec: &AnomalySpec,
+    types: &DefectTypes,
+    map: &[f32],
+    height: usize,
+    width: usize,
+    features: &[f32],
+) -> Result<DefectType> {
+    let pooled = pooled_features(spec, types.pool_cells, map, height, width, features)?;
+    let probs = linear_softmax(&types.weights, &types.bias, &pooled);
+    let (best, p) = probs
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .ok_or_else(|| RuntimeError::BadManifest("the defect-type head has no labels".into()))?;
+    Ok(DefectType {
+        label: types.labels.get(best).cloned().unwrap_or_default(),
+        probability: *p,
+    })
 }
 
 /// Scores a raw map (`values`, `height` x `width`, row-major) of an image of `image_size`.
@@ -237,6 +325,7 @@ pub fn analyse(
         score,
         raw_score,
         regions,
+        defect_type: None,
         map: AnomalyMap {
             width,
             height,
@@ -322,6 +411,7 @@ mod tests {
             training_images: 1,
             score_border: 0,
             score_top_k: 0,
+            defect_types: None,
         }
     }
 
@@ -342,6 +432,43 @@ mod tests {
         assert_eq!((big.x, big.y, big.width, big.height), (200, 100, 200, 100));
         assert_eq!(big.area_percent, 12.5);
         assert_eq!(big.peak_score, 2.5);
+    }
+
+    #[test]
+    fn the_defect_type_reads_the_features_of_the_hottest_cells() {
+        // 3x3 map, 2-value patch features; the hot cells (4 and 5) carry "crack" features
+        // (large first value), the cold ones "scratch" features: pooling only the two hottest
+        // must say crack, pooling all nine scratch.
+        let mut s = spec(1.0);
+        s.feature_dim = 2;
+        let map = [0.1, 0.1, 0.2, 0.1, 9.0, 8.0, 0.1, 0.3, 0.1];
+        let mut features = vec![];
+        for (i, _) in map.iter().enumerate() {
+            features.extend(if i == 4 || i == 5 {
+                [5.0, 0.0]
+            } else {
+                [0.0, 2.0]
+            });
+        }
+        let mut types = DefectTypes {
+            features_output: "neo_patches".into(),
+            labels: vec!["crack".into(), "scratch".into()],
+            pool_cells: 2,
+            weights: vec![1.0, 0.0, 0.0, 1.0],
+            bias: vec![0.0, 0.0],
+            trained_on: vec![],
+        };
+        let t = defect_type(&s, &types, &map, 3, 3, &features).unwrap();
+        assert_eq!(t.label, "crack");
+        assert!(
+            (t.probability - 1.0 / (1.0 + (-5.0f32).exp())).abs() < 1e-6,
+            "{t:?}"
+        );
+        types.pool_cells = 9;
+        let t = defect_type(&s, &types, &map, 3, 3, &features).unwrap();
+        assert_eq!(t.label, "scratch", "{t:?}");
+        // Features of the wrong size are an error, not a panic.
+        assert!(defect_type(&s, &types, &map, 3, 3, &features[1..]).is_err());
     }
 
     #[test]

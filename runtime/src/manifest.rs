@@ -100,6 +100,28 @@ pub struct AnomalySpec {
     /// A few cells agreeing count more than one outlier cell.
     #[serde(default)]
     pub score_top_k: usize,
+    /// Names the defect type of a part: a linear head on the patch features of the map's most
+    /// anomalous cells (absent: the detector only says OK/NG).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defect_types: Option<DefectTypes>,
+}
+
+/// A defect-type classifier on top of an anomaly detector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DefectTypes {
+    /// Graph output with the patch features, [map cells, feature_dim], in map order.
+    pub features_output: String,
+    /// Type names, one per row of `weights`.
+    pub labels: Vec<String>,
+    /// The features of this many most anomalous scored cells are averaged.
+    pub pool_cells: usize,
+    /// Row-major [labels, feature_dim] (feature standardization folded in).
+    pub weights: Vec<f32>,
+    pub bias: Vec<f32>,
+    /// The labelled images the head was trained on (`type/file name`), for evaluation to
+    /// leave out.
+    #[serde(default)]
+    pub trained_on: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

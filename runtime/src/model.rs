@@ -232,10 +232,28 @@ impl Model {
         top_k: usize,
         image_size: (u32, u32),
     ) -> Result<Vec<Prediction>> {
+        let types = self
+            .manifest
+            .anomaly
+            .as_ref()
+            .and_then(|a| a.defect_types.as_ref());
+        // The defect-type head's patch features are read with the map, not reported.
+        let type_features = match types {
+            Some(t) => self
+                .manifest
+                .outputs
+                .iter()
+                .zip(outputs)
+                .find(|(o, _)| o.name == t.features_output)
+                .map(|(_, tensor)| tensor_to_f32(tensor))
+                .transpose()?,
+            None => None,
+        };
         self.manifest
             .outputs
             .iter()
             .zip(outputs)
+            .filter(|(spec, _)| types.is_none_or(|t| t.features_output != spec.name))
             .map(|(spec, tensor)| {
                 let values = tensor_to_f32(tensor)?;
                 Ok(match spec.task {
@@ -261,11 +279,19 @@ impl Model {
                             .inputs
                             .first()
                             .and_then(|i| i.preprocess.as_ref());
-                        let analysed = self
-                            .manifest
-                            .anomaly
-                            .as_ref()
-                            .map(|a| anomaly::analyse(a, pre, &values, h, w, image_size));
+                        let analysed = match self.manifest.anomaly.as_ref() {
+                            Some(a) => {
+                                let mut r = anomaly::analyse(a, pre, &values, h, w, image_size);
+                                if let (Some(t), Some(f), anomaly::Verdict::Ng) =
+                                    (a.defect_types.as_ref(), &type_features, r.verdict)
+                                {
+                                    r.defect_type =
+                                        Some(anomaly::defect_type(a, t, &values, h, w, f)?);
+                                }
+                                Some(r)
+                            }
+                            None => None,
+                        };
                         Prediction {
                             output: spec.name.clone(),
                             top_k: vec![],
@@ -286,6 +312,45 @@ impl Model {
 }
 
 impl Model {
+    /// A detector's raw map (values, height, width) and the patch features of
+    /// `features_output` from its raw outputs: what the defect-type head reads.
+    pub fn map_and_features(
+        &self,
+        outputs: &[Tensor],
+        features_output: &str,
+    ) -> Result<(Vec<f32>, usize, usize, Vec<f32>)> {
+        let find = |name: &str| {
+            self.manifest
+                .outputs
+                .iter()
+                .zip(outputs)
+                .find(|(o, _)| o.name == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| {
+                    RuntimeError::BadManifest(format!("the model has no output '{name}'"))
+                })
+        };
+        let map_name = self
+            .manifest
+            .anomaly
+            .as_ref()
+            .map(|a| a.map_output.as_str())
+            .ok_or_else(|| {
+                RuntimeError::BadManifest("the model is not an anomaly detector".into())
+            })?;
+        let map = find(map_name)?;
+        let (h, w) = match map.shape() {
+            [.., h, w] => (*h, *w),
+            _ => (1, map.len()),
+        };
+        Ok((
+            tensor_to_f32(map)?,
+            h,
+            w,
+            tensor_to_f32(find(features_output)?)?,
+        ))
+    }
+
     fn is_anomaly_map(&self, output: &str) -> bool {
         self.manifest
             .anomaly
@@ -317,6 +382,24 @@ fn check_against_manifest(model: &TypedModel, manifest: &Manifest) -> Result<()>
                 "input '{}': graph has {:?} {:?}, manifest says {:?} {:?}",
                 spec.name, fact.datum_type, fact.shape, spec.dtype, spec.shape
             )));
+        }
+    }
+    if let Some(a) = &manifest.anomaly {
+        if let Some(t) = &a.defect_types {
+            let k = t.labels.len();
+            if k < 2
+                || t.bias.len() != k
+                || t.weights.len() != k * a.feature_dim
+                || !manifest.outputs.iter().any(|o| o.name == t.features_output)
+            {
+                return Err(bad(format!(
+                    "the defect-type head does not fit: {k} labels, {} biases, {} weights for {}-value features, output '{}'",
+                    t.bias.len(),
+                    t.weights.len(),
+                    a.feature_dim,
+                    t.features_output
+                )));
+            }
         }
     }
     Ok(())

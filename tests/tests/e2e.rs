@@ -101,6 +101,7 @@ fn bottle_detector_from_good_images_reaches_auroc_099() {
         percentile: 99.5,
         score_border: 0,
         score_top_k: 1,
+        defect_types: None,
     };
     let trained = neoc::anomaly::train_anomaly(&opts, &Boards::shipped()).expect("trains");
     assert_eq!(trained.training_images + trained.held_out_images, 209);
@@ -111,6 +112,67 @@ fn bottle_detector_from_good_images_reaches_auroc_099() {
         "image AUROC {}",
         report.image_auroc
     );
+}
+
+#[test]
+#[ignore = "needs ../shared/data (run by .ci/run)"]
+fn magnetic_tile_detector_with_flattening_reaches_auroc_090_and_names_defect_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tile.neo");
+    let tile = data().join("images/magnetic_tile");
+    // The defect-type head learns from the first 5 images of each type (sorted by name);
+    // eval leaves those out of its type accuracy.
+    let types = dir.path().join("types");
+    let kinds = ["Blowhole", "Break", "Crack", "Fray", "Uneven"];
+    for kind in kinds {
+        let folder = types.join(kind);
+        std::fs::create_dir_all(&folder).unwrap();
+        let mut images: Vec<_> = std::fs::read_dir(tile.join(format!("MT_{kind}/Imgs")))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+            .collect();
+        images.sort();
+        for p in &images[..5] {
+            std::fs::copy(p, folder.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let opts = neoc::anomaly::TrainOptions {
+        compile: CompileOptions {
+            model: data().join("models/efficientnet_lite0/efficientnet_lite0_derived.onnx"),
+            target: "x86_64".into(),
+            output: out.clone(),
+            card: Some(repo().join("models/cards/efficientnet_lite0.toml")),
+            resize: Some(neoc::card::ResizeSpec::Exact([224, 224])),
+            standardize: true,
+            flatten: Some(15),
+            ..Default::default()
+        },
+        layers: vec!["stage3".into(), "stage5".into()],
+        normal: vec![],
+        dataset: Some(tile.clone()),
+        train_good: None,
+        defects: None,
+        memory_budget_mb: 16.0,
+        coreset_ratio: 0.02,
+        aggregation: 3,
+        percentile: 99.5,
+        score_border: 2,
+        score_top_k: 1,
+        defect_types: Some(types),
+    };
+    neoc::anomaly::train_anomaly(&opts, &Boards::shipped()).expect("trains");
+    let report = neoc::anomaly::eval_anomaly(&out, &tile, None).expect("evaluates");
+    assert_eq!((report.images, report.defective), (100, 50));
+    assert!(
+        report.image_auroc >= 0.90,
+        "image AUROC {}",
+        report.image_auroc
+    );
+    let t = report.defect_types.expect("the head is evaluated");
+    assert_eq!((t.images, t.skipped_trained), (25, 25));
+    // Five types: chance is 0.2.
+    assert!(t.accuracy >= 0.4, "defect type accuracy {}", t.accuracy);
 }
 
 // ---- The station daemon end to end: real Mosquitto, folder camera, compiled model ----

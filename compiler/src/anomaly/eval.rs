@@ -76,10 +76,33 @@ pub struct EvalReport {
     pub f1: f64,
     pub confusion: Confusion,
     pub per_type: BTreeMap<String, TypeResult>,
+    /// With a defect-type head: how it names the defective test images it was not trained on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub defect_types: Option<TypeAccuracy>,
     /// Decode → preprocess → model (backbone + kNN) → map analysis, per image.
     pub latency_ms_p50: f64,
     pub latency_ms_p99: f64,
     pub scores: Vec<ScoredImage>,
+}
+
+/// The defect-type head on a dataset's defective images.
+#[derive(Debug, Serialize)]
+pub struct TypeAccuracy {
+    /// Defective test images whose type is one of the head's labels and that it was not
+    /// trained on.
+    pub images: usize,
+    pub correct: usize,
+    pub accuracy: f64,
+    /// Defective images left out because the head was trained on them.
+    pub skipped_trained: usize,
+    /// True type → predicted type → count.
+    pub confusion: BTreeMap<String, BTreeMap<String, usize>>,
+}
+
+/// The head's label for a dataset's defect kind (case-insensitive; `MT_` prefixes ignored).
+fn label_for<'a>(labels: &'a [String], kind: &str) -> Option<&'a String> {
+    let norm = |s: &str| s.trim_start_matches("MT_").to_lowercase();
+    labels.iter().find(|l| norm(l) == norm(kind))
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -106,11 +129,44 @@ pub fn eval_anomaly(
     let (mut pixel_scores, mut pixel_labels) = (Vec::new(), Vec::new());
     let mut scores = Vec::new();
     let mut latencies = Vec::new();
+    let spec = model.manifest().anomaly.clone();
+    let head = spec.as_ref().and_then(|a| a.defect_types.clone());
+    let mut type_eval = head.as_ref().map(|_| TypeAccuracy {
+        images: 0,
+        correct: 0,
+        accuracy: 0.0,
+        skipped_trained: 0,
+        confusion: BTreeMap::new(),
+    });
     for s in &samples {
         let start = Instant::now();
         let img = preprocess::load(&s.path)?;
-        let (preds, _) = model.predict(&img, 1)?;
+        let outputs = model.run(vec![model.image_tensor(&img)?])?;
+        let preds = model.interpret(&outputs, 1, (img.width(), img.height()))?;
         latencies.push(start.elapsed().as_secs_f64() * 1e3);
+        if let (Some(t), Some(a), Some(te)) = (&head, &spec, type_eval.as_mut()) {
+            let file = s
+                .path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if let (true, Some(label)) = (s.defective, label_for(&t.labels, &s.kind)) {
+                if t.trained_on.contains(&format!("{label}/{file}")) {
+                    te.skipped_trained += 1;
+                } else {
+                    let (map, h, w, features) =
+                        model.map_and_features(&outputs, &t.features_output)?;
+                    let got = neo_runtime::anomaly::defect_type(a, t, &map, h, w, &features)?;
+                    te.images += 1;
+                    te.correct += (&got.label == label) as usize;
+                    *te.confusion
+                        .entry(label.clone())
+                        .or_default()
+                        .entry(got.label)
+                        .or_default() += 1;
+                }
+            }
+        }
         let result = preds
             .iter()
             .find_map(|p| p.anomaly.as_ref())
@@ -183,6 +239,10 @@ pub fn eval_anomaly(
         f1,
         confusion,
         per_type,
+        defect_types: type_eval.map(|mut t| {
+            t.accuracy = t.correct as f64 / t.images.max(1) as f64;
+            t
+        }),
         latency_ms_p50: pct(&latencies, 50.0),
         latency_ms_p99: pct(&latencies, 99.0),
         scores: samples

@@ -7,6 +7,7 @@ pub mod eval;
 pub mod head;
 pub mod report;
 pub mod train;
+pub mod types;
 
 pub use eval::{eval_anomaly, EvalReport};
 pub use train::{train_anomaly, TrainOptions, TrainReport};

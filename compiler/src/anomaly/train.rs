@@ -46,6 +46,8 @@ pub struct TrainOptions {
     pub score_border: usize,
     /// Image score = mean of this many largest map cells (0 or 1: the largest).
     pub score_top_k: usize,
+    /// One folder per defect type: trains the defect-type head (see `super::types`).
+    pub defect_types: Option<PathBuf>,
 }
 
 /// What a training run did.
@@ -236,6 +238,10 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
         Some(d) => collect_images(std::slice::from_ref(d))?,
         None => vec![],
     };
+    let type_folders = match &opts.defect_types {
+        Some(d) => Some(super::types::type_folders(d)?),
+        None => None,
+    };
     // Every tenth good image is held out to set the threshold.
     let (held_out, train): (Vec<_>, Vec<_>) = normal
         .iter()
@@ -376,6 +382,10 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
             .map(|s| s.to_string_lossy().into_owned())
     });
     det_opts.outputs = vec![ANOMALY_MAP.to_string()];
+    if type_folders.is_some() {
+        // The defect-type head reads the patch features beside the map.
+        det_opts.outputs.push(head::PATCHES.to_string());
+    }
     det_opts.task = Some(Task::Anomaly);
     det_opts.labels = None;
     let spec = AnomalySpec {
@@ -389,6 +399,7 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
         training_images: train.len(),
         score_border: opts.score_border,
         score_top_k: opts.score_top_k,
+        defect_types: None,
     };
     let detector = compile_proto(detector_proto, &det_opts, Some(spec.clone()))?;
 
@@ -506,6 +517,20 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
         let json = serde_json::to_vec_pretty(report)
             .map_err(|e| CompileError::Quantize(format!("writing the report: {e}")))?;
         files.insert(crate::quantize::REPORT_FILE.to_string(), json);
+    }
+    if let Some(folders) = &type_folders {
+        let head = super::types::train_head(&detector.model, &spec, folders)?;
+        notes.push(format!(
+            "defect types {:?} from {} labelled images: leave-one-out accuracy {:.3} ({}/{})",
+            head.types.labels,
+            head.images,
+            head.loo_correct as f64 / head.images.max(1) as f64,
+            head.loo_correct,
+            head.images
+        ));
+        if let Some(a) = manifest.anomaly.as_mut() {
+            a.defect_types = Some(head.types);
+        }
     }
     if let Some(a) = manifest.anomaly.as_mut() {
         a.threshold = threshold;

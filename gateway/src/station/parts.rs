@@ -237,12 +237,22 @@ pub fn inspect(
                 score,
                 raw_score: a.score,
                 threshold,
-                reason: if score > 1.0 {
-                    format!("anomaly score {:.2} above threshold {threshold}", a.score)
-                } else {
-                    "within normal".into()
+                reason: match (score > 1.0, &a.defect_type) {
+                    (true, Some(t)) => format!(
+                        "anomaly score {:.2} above threshold {threshold}: {} ({:.2})",
+                        a.score, t.label, t.probability
+                    ),
+                    (true, None) => {
+                        format!("anomaly score {:.2} above threshold {threshold}", a.score)
+                    }
+                    (false, _) => "within normal".into(),
                 },
-                label: None,
+                // The defect type, when the detector has a head (set for NG images only).
+                label: a
+                    .defect_type
+                    .as_ref()
+                    .filter(|_| score > 1.0)
+                    .map(|t| t.label.clone()),
                 regions: a.regions.clone(),
             }
         }

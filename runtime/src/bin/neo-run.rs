@@ -325,8 +325,19 @@ fn text_line(r: &serde_json::Value) -> String {
     for p in r["predictions"].as_array().into_iter().flatten() {
         if let Some(a) = p.get("anomaly").filter(|a| !a.is_null()) {
             let regions = a["regions"].as_array().map_or(0, Vec::len);
+            let kind = a
+                .get("defect_type")
+                .filter(|t| !t.is_null())
+                .map(|t| {
+                    format!(
+                        ": {} {:.2}",
+                        t["label"].as_str().unwrap_or("?"),
+                        t["probability"].as_f64().unwrap_or(f64::NAN)
+                    )
+                })
+                .unwrap_or_default();
             parts.push(format!(
-                "{:<3} score {:.2} ({regions} region{})",
+                "{:<3} score {:.2} ({regions} region{}){kind}",
                 a["verdict"].as_str().unwrap_or("?"),
                 a["score"].as_f64().unwrap_or(f64::NAN),
                 if regions == 1 { "" } else { "s" }
