@@ -237,18 +237,16 @@ impl Model {
             .anomaly
             .as_ref()
             .and_then(|a| a.defect_types.as_ref());
-        // The defect-type head's patch features are read with the map, not reported.
-        let type_features = match types {
-            Some(t) => self
-                .manifest
+        // The defect-type head's patch features are read with the map (for NG images only),
+        // not reported.
+        let type_features = types.and_then(|t| {
+            self.manifest
                 .outputs
                 .iter()
                 .zip(outputs)
                 .find(|(o, _)| o.name == t.features_output)
-                .map(|(_, tensor)| tensor_to_f32(tensor))
-                .transpose()?,
-            None => None,
-        };
+                .map(|(_, tensor)| tensor)
+        });
         self.manifest
             .outputs
             .iter()
@@ -283,10 +281,11 @@ impl Model {
                             Some(a) => {
                                 let mut r = anomaly::analyse(a, pre, &values, h, w, image_size);
                                 if let (Some(t), Some(f), anomaly::Verdict::Ng) =
-                                    (a.defect_types.as_ref(), &type_features, r.verdict)
+                                    (a.defect_types.as_ref(), type_features, r.verdict)
                                 {
+                                    let f = tensor_to_f32(f)?;
                                     r.defect_type =
-                                        Some(anomaly::defect_type(a, t, &values, h, w, f)?);
+                                        Some(anomaly::defect_type(a, t, &values, h, w, &f)?);
                                 }
                                 Some(r)
                             }
