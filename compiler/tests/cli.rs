@@ -366,31 +366,34 @@ fn augmented_folder(dir: &Path, name: &str, files: &[&str]) -> PathBuf {
     out
 }
 
+/// Trains a stage3,stage4 detector on the shipped bottle classifier's backbone from `good`,
+/// with a 10 % coreset plus `extra` flags, writing `out`.
+fn train_bottle_detector(good: &Path, out: &Path, extra: &[&str]) -> (i32, String, String) {
+    let backbone = repo().join("models/bottle-classifier/model.onnx");
+    let mut args = vec![
+        "train",
+        "anomaly",
+        "--backbone",
+        path_str(&backbone),
+        "--layers",
+        "stage3,stage4",
+        "--normal",
+        path_str(good),
+        "-o",
+        path_str(out),
+        "--coreset-ratio",
+        "0.1",
+    ];
+    args.extend_from_slice(extra);
+    neoc(&args)
+}
+
 #[test]
 fn anomaly_detector_trains_from_good_images_and_flags_defects() {
     let dir = tempfile::tempdir().unwrap();
     let good = good_folder(dir.path());
     let out = dir.path().join("detector.neo");
-    let backbone = repo().join("models/bottle-classifier/model.onnx");
-    // Trains a stage3,stage4 detector on `good` with a 10 % coreset plus `extra` flags.
-    let train = |out: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "anomaly",
-            "--backbone",
-            path_str(&backbone),
-            "--layers",
-            "stage3,stage4",
-            "--normal",
-            path_str(&good),
-            "-o",
-            path_str(out),
-            "--coreset-ratio",
-            "0.1",
-        ];
-        args.extend_from_slice(extra);
-        neoc(&args)
-    };
+    let train = |out: &Path, extra: &[&str]| train_bottle_detector(&good, out, extra);
     let (code, _, stderr) = train(&out, &[]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("trained on 11 good images"), "{stderr}");
@@ -495,24 +498,9 @@ fn a_defect_type_head_names_the_type_of_unseen_defects() {
         test_good.join("good.png"),
     )
     .unwrap();
-    let backbone = repo().join("models/bottle-classifier/model.onnx");
     let det = dir.path().join("typed.neo");
-    let (code, _, stderr) = neoc(&[
-        "train",
-        "anomaly",
-        "--backbone",
-        path_str(&backbone),
-        "--layers",
-        "stage3,stage4",
-        "--normal",
-        path_str(&good),
-        "--defect-types",
-        path_str(&types),
-        "-o",
-        path_str(&det),
-        "--coreset-ratio",
-        "0.1",
-    ]);
+    let (code, _, stderr) =
+        train_bottle_detector(&good, &det, &["--defect-types", path_str(&types)]);
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stderr.contains(

@@ -75,23 +75,20 @@ fn efficientnet_artifact_classifies_the_sanity_images() {
     assert_eq!(top1(&model, "pelican.jpeg").0, 144);
 }
 
-#[test]
-#[ignore = "needs ../shared/data (run by .ci/run)"]
-fn bottle_detector_from_good_images_reaches_auroc_099() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("bottle-detector.neo");
-    let bottle = data().join("images/mvtec_bottle");
-    let opts = neoc::anomaly::TrainOptions {
+/// Training options for an EfficientNet-Lite0 stage3+stage5 detector at 224x224 with the
+/// default coreset, threshold and scoring, writing `out` (images still to be given).
+fn effnet_detector(out: &std::path::Path) -> neoc::anomaly::TrainOptions {
+    neoc::anomaly::TrainOptions {
         compile: CompileOptions {
             model: data().join("models/efficientnet_lite0/efficientnet_lite0_derived.onnx"),
             target: "x86_64".into(),
-            output: out.clone(),
+            output: out.to_path_buf(),
             card: Some(repo().join("models/cards/efficientnet_lite0.toml")),
             resize: Some(neoc::card::ResizeSpec::Exact([224, 224])),
             ..Default::default()
         },
         layers: vec!["stage3".into(), "stage5".into()],
-        normal: vec![bottle.join("train/good")],
+        normal: vec![],
         dataset: None,
         train_good: None,
         defects: None,
@@ -102,7 +99,17 @@ fn bottle_detector_from_good_images_reaches_auroc_099() {
         score_border: 0,
         score_top_k: 1,
         defect_types: None,
-    };
+    }
+}
+
+#[test]
+#[ignore = "needs ../shared/data (run by .ci/run)"]
+fn bottle_detector_from_good_images_reaches_auroc_099() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bottle-detector.neo");
+    let bottle = data().join("images/mvtec_bottle");
+    let mut opts = effnet_detector(&out);
+    opts.normal = vec![bottle.join("train/good")];
     let trained = neoc::anomaly::train_anomaly(&opts, &Boards::shipped()).expect("trains");
     assert_eq!(trained.training_images + trained.held_out_images, 209);
     let report = neoc::anomaly::eval_anomaly(&out, &bottle, None).expect("evaluates");
@@ -137,30 +144,12 @@ fn magnetic_tile_detector_with_flattening_reaches_auroc_090_and_names_defect_typ
             std::fs::copy(p, folder.join(p.file_name().unwrap())).unwrap();
         }
     }
-    let opts = neoc::anomaly::TrainOptions {
-        compile: CompileOptions {
-            model: data().join("models/efficientnet_lite0/efficientnet_lite0_derived.onnx"),
-            target: "x86_64".into(),
-            output: out.clone(),
-            card: Some(repo().join("models/cards/efficientnet_lite0.toml")),
-            resize: Some(neoc::card::ResizeSpec::Exact([224, 224])),
-            standardize: true,
-            flatten: Some(15),
-            ..Default::default()
-        },
-        layers: vec!["stage3".into(), "stage5".into()],
-        normal: vec![],
-        dataset: Some(tile.clone()),
-        train_good: None,
-        defects: None,
-        memory_budget_mb: 16.0,
-        coreset_ratio: 0.02,
-        aggregation: 3,
-        percentile: 99.5,
-        score_border: 2,
-        score_top_k: 1,
-        defect_types: Some(types),
-    };
+    let mut opts = effnet_detector(&out);
+    opts.compile.standardize = true;
+    opts.compile.flatten = Some(15);
+    opts.dataset = Some(tile.clone());
+    opts.score_border = 2;
+    opts.defect_types = Some(types);
     neoc::anomaly::train_anomaly(&opts, &Boards::shipped()).expect("trains");
     let report = neoc::anomaly::eval_anomaly(&out, &tile, None).expect("evaluates");
     assert_eq!((report.images, report.defective), (100, 50));
