@@ -308,6 +308,95 @@ ok_fraction = 0.0
         assert_eq!(samples, 3);
     }
 
+    /// Six variants of the shipped sample `file` (as is, mirrored, rotated, rescaled) in `to`.
+    fn variants(file: &str, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        let img = image::open(repo().join("models/samples").join(file)).unwrap();
+        for (i, v) in [
+            img.clone(),
+            img.fliph(),
+            img.flipv(),
+            img.rotate90(),
+            img.rotate270(),
+            img.resize_exact(280, 300, image::imageops::FilterType::Triangle),
+        ]
+        .iter()
+        .enumerate()
+        {
+            v.save(to.join(format!("{i}-{file}"))).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_detector_with_defect_types_names_the_type_in_its_ng_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good");
+        variants("bottle_good_000.png", &good);
+        variants("bottle_good_003.png", &good);
+        let types = dir.path().join("types");
+        let kinds = [
+            ("broken_large", "bottle_broken_large_000.png"),
+            ("broken_small", "bottle_broken_small_001.png"),
+            ("contamination", "bottle_contamination_000.png"),
+        ];
+        for (kind, file) in kinds {
+            variants(file, &types.join(kind));
+        }
+        let opts = neoc::anomaly::TrainOptions {
+            compile: neoc::CompileOptions {
+                model: repo().join("models/bottle-classifier/model.onnx"),
+                target: "x86_64".into(),
+                output: dir.path().join("bottle.neo"),
+                ..Default::default()
+            },
+            layers: vec!["stage3".into(), "stage4".into()],
+            normal: vec![good],
+            dataset: None,
+            train_good: None,
+            defects: None,
+            memory_budget_mb: 16.0,
+            coreset_ratio: 0.1,
+            aggregation: 3,
+            percentile: 99.5,
+            score_border: 0,
+            score_top_k: 1,
+            defect_types: Some(types),
+        };
+        neoc::anomaly::train_anomaly(&opts, &neo_boards::Boards::shipped()).unwrap();
+        copy_samples(&dir.path().join("frames"));
+        let broker = Broker::start();
+        let sub = Subscriber::start(broker.port, "e2e-sub", "neo/e2e/l1/st1/#");
+        let config = station_toml(dir.path(), broker.port, "frames", "loop = false");
+        let summary = station::run(
+            config,
+            RunOptions {
+                duration: Some(Duration::from_secs(60)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((summary.frames, summary.fail_safe), (5, 0), "{summary:?}");
+        let results = sub.wait_for("inspection", 5, Duration::from_secs(10));
+        let mut named = 0;
+        for r in &results {
+            let image = r.data["image"].as_str().unwrap();
+            match (r.data["verdict"].as_str(), r.data["label"].as_str()) {
+                (Some("NG"), Some(label)) => {
+                    // The head was trained on these very images: it must know them.
+                    assert!(image.contains(label), "{image}: {}", r.data);
+                    assert!(r.data["reason"].as_str().unwrap().contains(label));
+                    named += 1;
+                }
+                (Some("OK"), None) => {}
+                _ => panic!(
+                    "{image}: an NG part without its type, or an OK one with one: {}",
+                    r.data
+                ),
+            }
+        }
+        assert!(named >= 1, "no NG part named: {results:?}");
+    }
+
     /// `POST path` with `body` under a Content-Length of `claimed` bytes; the final status
     /// code. `expect`: ask for `100 Continue` first, as curl does for large bodies, and send
     /// the body only once it came.
