@@ -290,6 +290,7 @@ pub fn compile_imported(
         format_version: neo_runtime::manifest::format_version_for(
             quantization.as_ref().is_some_and(|q| q.packed_tensors > 0),
             std::slice::from_ref(&input),
+            anomaly.as_ref(),
         ),
         name,
         compiler: compiler_info(),
@@ -559,9 +560,9 @@ fn input_spec(
     let std = opts.std.clone().or(pre.std.clone()).unwrap_or(vec![1.0; c]);
     let scale = opts.scale.or(pre.scale).unwrap_or(1.0);
     let flatten = opts.flatten.or(pre.flatten);
-    if let Some(k) = flatten.filter(|&k| k < 3) {
+    if let Some(k) = flatten.filter(|&k| k < 3 || k.is_multiple_of(2)) {
         return Err(opt(format!(
-            "a flatten window of {k} pixels removes nothing: use 3 or more (wider than the defects, narrower than the lighting changes)"
+            "a flatten window of {k} pixels: use an odd size of 3 or more, wider than the defects and narrower than the lighting changes (e.g. 15)"
         )));
     }
     if mean.len() != c || std.len() != c {

@@ -125,13 +125,13 @@ impl Inspection {
                 if let Some(k) = p.flatten {
                     let _ = writeln!(
                         s,
-                        "                local mean over {k}x{k} subtracted first"
+                        "                local mean over {k}x{k} subtracted after resizing"
                     );
                 }
                 if p.standardize {
                     let _ = writeln!(
                         s,
-                        "                each image standardized (mean 128, std 48) first"
+                        "                each image standardized (mean 128, std 48) before the normalization"
                     );
                 }
             }

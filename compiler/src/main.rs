@@ -654,10 +654,16 @@ fn run(cli: Cli) -> Result<()> {
                 report.latency_ms_p99
             );
             if let Some(t) = &report.defect_types {
-                eprintln!(
-                    "defect type right on {}/{} defective images the head was not trained on ({:.3}; {} trained on left out)",
-                    t.correct, t.images, t.accuracy, t.skipped_trained
-                );
+                match t.accuracy {
+                    Some(acc) => eprintln!(
+                        "defect type right on {}/{} defective images the head was not trained on ({acc:.3}; {} trained on and {} of kinds it has no label for left out)",
+                        t.correct, t.images, t.skipped_trained, t.unknown_kind
+                    ),
+                    None => eprintln!(
+                        "defect type not measured: none of the {} unseen defective images is of a kind the head knows (its folders must be named like the dataset's defect kinds)",
+                        t.unknown_kind
+                    ),
+                }
             }
             println!("{}", serde_json::to_string_pretty(&report)?);
         }

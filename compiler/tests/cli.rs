@@ -464,7 +464,7 @@ fn anomaly_detector_trains_from_good_images_and_flags_defects() {
     let (code, stdout, stderr) = neoc(&["inspect", path_str(&out3)]);
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stdout.contains("local mean over 15x15 subtracted first"),
+        stdout.contains("local mean over 15x15 subtracted after resizing"),
         "{stdout}"
     );
 }
@@ -512,6 +512,11 @@ fn a_defect_type_head_names_the_type_of_unseen_defects() {
     let spec = model.manifest().anomaly.clone().unwrap();
     let head = spec.defect_types.clone().unwrap();
     assert_eq!((head.labels.len(), head.trained_on.len()), (3, 12));
+    assert_eq!(
+        model.manifest().format_version,
+        3,
+        "older runtimes must refuse it"
+    );
     assert_eq!(head.weights.len(), 3 * spec.feature_dim);
     // The patch features feed the head; they are not reported as a prediction.
     let img = image::open(repo().join("models/samples/bottle_broken_large_000.png")).unwrap();
@@ -530,6 +535,7 @@ fn a_defect_type_head_names_the_type_of_unseen_defects() {
     let t = &report["defect_types"];
     assert_eq!(t["images"], 6, "{t}");
     assert_eq!(t["skipped_trained"], 0, "{t}");
+    assert_eq!(t["unknown_kind"], 0, "{t}");
     let correct = t["correct"].as_u64().unwrap();
     assert!(
         correct >= 4,
@@ -585,7 +591,11 @@ fn anomaly_training_refuses_bad_input_clearly() {
     );
     assert_clear_error(
         &refs(&train(&good, "stage3", &["--flatten", "1"])),
-        &["flatten window of 1 pixels removes nothing", "3 or more"],
+        &["flatten window of 1 pixels", "odd size of 3 or more"],
+    );
+    assert_clear_error(
+        &refs(&train(&good, "stage3", &["--flatten", "16"])),
+        &["flatten window of 16 pixels", "odd size of 3 or more"],
     );
     assert!(!out.exists());
 }

@@ -137,7 +137,8 @@ pub struct AnomalyResult {
     /// Image score before normalization (largest patch distance).
     pub raw_score: f32,
     pub regions: Vec<Region>,
-    /// The most likely defect type, for NG parts of detectors with a defect-type head.
+    /// With a defect-type head: the most likely type if the part is defective (given for
+    /// every image, so a caller with its own threshold can use it; show it for NG parts).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub defect_type: Option<DefectType>,
     #[serde(skip)]
@@ -212,8 +213,9 @@ pub fn pooled_features(
     let dim = spec.feature_dim;
     if map.len() != cells || features.len() != cells * dim {
         return Err(RuntimeError::BadManifest(format!(
-            "defect-type features: {} values for a {height}x{width} map of {dim}-value patches",
-            features.len()
+            "defect-type features: {} values and a map of {} for a {height}x{width} map of {dim}-value patches",
+            features.len(),
+            map.len()
         )));
     }
     let mut order: Vec<usize> = (0..cells)
@@ -253,7 +255,8 @@ pub fn linear_softmax(weights: &[f32], bias: &[f32], x: &[f32]) -> Vec<f32> {
     crate::model::softmax(&logits)
 }
 
-/// The most likely defect type of an image from its raw map and patch features.
+/// The most likely defect type of an image from its raw map and patch features; `None` when
+/// the features are not finite (no type is better than a made-up one).
 pub fn defect_type(
     spec: &AnomalySpec,
     types: &DefectTypes,
@@ -261,18 +264,20 @@ pub fn defect_type(
     height: usize,
     width: usize,
     features: &[f32],
-) -> Result<DefectType> {
+) -> Result<Option<DefectType>> {
     let pooled = pooled_features(spec, types.pool_cells, map, height, width, features)?;
     let probs = linear_softmax(&types.weights, &types.bias, &pooled);
-    let (best, p) = probs
+    if probs.iter().any(|p| !p.is_finite()) {
+        return Ok(None);
+    }
+    Ok(probs
         .iter()
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
-        .ok_or_else(|| RuntimeError::BadManifest("the defect-type head has no labels".into()))?;
-    Ok(DefectType {
-        label: types.labels.get(best).cloned().unwrap_or_default(),
-        probability: *p,
-    })
+        .map(|(best, p)| DefectType {
+            label: types.labels.get(best).cloned().unwrap_or_default(),
+            probability: *p,
+        }))
 }
 
 /// Scores a raw map (`values`, `height` x `width`, row-major) of an image of `image_size`.
@@ -458,15 +463,23 @@ mod tests {
             bias: vec![0.0, 0.0],
             trained_on: vec![],
         };
-        let t = defect_type(&s, &types, &map, 3, 3, &features).unwrap();
+        let t = defect_type(&s, &types, &map, 3, 3, &features)
+            .unwrap()
+            .unwrap();
         assert_eq!(t.label, "crack");
         assert!(
             (t.probability - 1.0 / (1.0 + (-5.0f32).exp())).abs() < 1e-6,
             "{t:?}"
         );
         types.pool_cells = 9;
-        let t = defect_type(&s, &types, &map, 3, 3, &features).unwrap();
+        let t = defect_type(&s, &types, &map, 3, 3, &features)
+            .unwrap()
+            .unwrap();
         assert_eq!(t.label, "scratch", "{t:?}");
+        // A NaN feature among the pooled ones gives no type rather than a made-up one.
+        let mut bad = features.clone();
+        bad[8] = f32::NAN;
+        assert_eq!(defect_type(&s, &types, &map, 3, 3, &bad).unwrap(), None);
         // Features of the wrong size are an error, not a panic.
         assert!(defect_type(&s, &types, &map, 3, 3, &features[1..]).is_err());
     }

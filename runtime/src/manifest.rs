@@ -9,14 +9,20 @@ pub const FORMAT_VERSION: u32 = 3;
 pub const MIN_FORMAT_VERSION: u32 = 1;
 /// The oldest format that can express an artifact, so older devices keep reading what they
 /// can run: 3 when an input is preprocessed with `flatten` (a v2 runtime would skip the step
-/// and compute on different pixels), 2 when its graph holds int8-packed weights
+/// and compute on different pixels) or a detector has a defect-type head (a v2 runtime would
+/// report its patch features as raw values), 2 when its graph holds int8-packed weights
 /// (`model.nnef.tar` entries `NAME.dat.q8`, see [`crate::int8`]), which a v1 runtime would not
 /// find; 1 otherwise.
-pub fn format_version_for(int8_packed: bool, inputs: &[InputSpec]) -> u32 {
+pub fn format_version_for(
+    int8_packed: bool,
+    inputs: &[InputSpec],
+    anomaly: Option<&AnomalySpec>,
+) -> u32 {
     let flattened = inputs
         .iter()
         .any(|i| i.preprocess.as_ref().is_some_and(|p| p.flatten.is_some()));
-    if flattened {
+    let typed = anomaly.is_some_and(|a| a.defect_types.is_some());
+    if flattened || typed {
         3
     } else if int8_packed {
         2
@@ -199,7 +205,8 @@ impl InputSpec {
 }
 
 /// Image preprocessing, applied in this order: decode → channel order → resize → center crop →
-/// optional per-image standardization → `(pixel * scale - mean[c]) / std[c]` → layout.
+/// optional local-mean subtraction (`flatten`) → optional per-image standardization →
+/// `(pixel * scale - mean[c]) / std[c]` → layout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Preprocess {
     pub resize: Resize,
@@ -218,8 +225,8 @@ pub struct Preprocess {
     pub standardize: bool,
     /// After resizing and before `standardize`: subtract from each pixel the mean of the
     /// `flatten`×`flatten` window around it (then add 128), which removes uneven lighting and
-    /// shading across the part and keeps local texture and defects. Windows are cut at the
-    /// image's edges. Artifacts using it are format 3.
+    /// shading across the part and keeps local texture and defects. Odd, at least 3; windows
+    /// are cut at the image's edges. Artifacts using it are format 3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flatten: Option<u32>,
 }

@@ -237,8 +237,7 @@ impl Model {
             .anomaly
             .as_ref()
             .and_then(|a| a.defect_types.as_ref());
-        // The defect-type head's patch features are read with the map (for NG images only),
-        // not reported.
+        // The defect-type head's patch features are read with the map, not reported.
         let type_features = types.and_then(|t| {
             self.manifest
                 .outputs
@@ -280,12 +279,10 @@ impl Model {
                         let analysed = match self.manifest.anomaly.as_ref() {
                             Some(a) => {
                                 let mut r = anomaly::analyse(a, pre, &values, h, w, image_size);
-                                if let (Some(t), Some(f), anomaly::Verdict::Ng) =
-                                    (a.defect_types.as_ref(), type_features, r.verdict)
+                                if let (Some(t), Some(f)) = (a.defect_types.as_ref(), type_features)
                                 {
                                     let f = tensor_to_f32(f)?;
-                                    r.defect_type =
-                                        Some(anomaly::defect_type(a, t, &values, h, w, &f)?);
+                                    r.defect_type = anomaly::defect_type(a, t, &values, h, w, &f)?;
                                 }
                                 Some(r)
                             }
@@ -383,20 +380,45 @@ fn check_against_manifest(model: &TypedModel, manifest: &Manifest) -> Result<()>
             )));
         }
     }
+    for spec in &manifest.inputs {
+        if let Some(k) = spec.preprocess.as_ref().and_then(|p| p.flatten) {
+            if k < 3 || k % 2 == 0 {
+                return Err(bad(format!(
+                    "input '{}': flatten window {k} (it must be odd and at least 3)",
+                    spec.name
+                )));
+            }
+        }
+    }
     if let Some(a) = &manifest.anomaly {
         if let Some(t) = &a.defect_types {
             let k = t.labels.len();
+            // The features output: [cells, feature_dim] where the graph's shape is known.
+            let features_fit = manifest
+                .outputs
+                .iter()
+                .position(|o| o.name == t.features_output)
+                .is_some_and(|ix| {
+                    model.output_fact(ix).is_ok_and(|f| {
+                        f.shape
+                            .as_concrete()
+                            .is_none_or(|s| s.last() == Some(&a.feature_dim))
+                    })
+                });
             if k < 2
                 || t.bias.len() != k
                 || t.weights.len() != k * a.feature_dim
-                || !manifest.outputs.iter().any(|o| o.name == t.features_output)
+                || t.features_output == a.map_output
+                || !features_fit
             {
                 return Err(bad(format!(
-                    "the defect-type head does not fit: {k} labels, {} biases, {} weights for {}-value features, output '{}'",
+                    "the defect-type head does not fit: {k} labels (at least 2), {} biases, {} weights for {}-value features, features from output '{}' (not the map '{}', last dimension {})",
                     t.bias.len(),
                     t.weights.len(),
                     a.feature_dim,
-                    t.features_output
+                    t.features_output,
+                    a.map_output,
+                    a.feature_dim
                 )));
             }
         }

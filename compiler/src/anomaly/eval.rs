@@ -92,9 +92,12 @@ pub struct TypeAccuracy {
     /// trained on.
     pub images: usize,
     pub correct: usize,
-    pub accuracy: f64,
+    /// `None` when no defective test image has a type the head knows.
+    pub accuracy: Option<f64>,
     /// Defective images left out because the head was trained on them.
     pub skipped_trained: usize,
+    /// Defective images of a kind the head has no label for.
+    pub unknown_kind: usize,
     /// True type → predicted type → count.
     pub confusion: BTreeMap<String, BTreeMap<String, usize>>,
 }
@@ -134,8 +137,9 @@ pub fn eval_anomaly(
     let mut type_eval = head.as_ref().map(|_| TypeAccuracy {
         images: 0,
         correct: 0,
-        accuracy: 0.0,
+        accuracy: None,
         skipped_trained: 0,
+        unknown_kind: 0,
         confusion: BTreeMap::new(),
     });
     for s in &samples {
@@ -150,19 +154,23 @@ pub fn eval_anomaly(
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if let (true, Some(label)) = (s.defective, label_for(&t.labels, &s.kind)) {
-                if t.trained_on.contains(&format!("{label}/{file}")) {
-                    te.skipped_trained += 1;
-                } else {
+            match (s.defective, label_for(&t.labels, &s.kind)) {
+                (false, _) => {}
+                (true, None) => te.unknown_kind += 1,
+                (true, Some(label)) if t.trained_on.contains(&format!("{label}/{file}")) => {
+                    te.skipped_trained += 1
+                }
+                (true, Some(label)) => {
                     let (map, h, w, features) =
                         model.map_and_features(&outputs, &t.features_output)?;
-                    let got = neo_runtime::anomaly::defect_type(a, t, &map, h, w, &features)?;
+                    let got = neo_runtime::anomaly::defect_type(a, t, &map, h, w, &features)?
+                        .map_or_else(|| "(none: features not finite)".to_string(), |g| g.label);
                     te.images += 1;
-                    te.correct += (&got.label == label) as usize;
+                    te.correct += (&got == label) as usize;
                     *te.confusion
                         .entry(label.clone())
                         .or_default()
-                        .entry(got.label)
+                        .entry(got)
                         .or_default() += 1;
                 }
             }
@@ -240,7 +248,7 @@ pub fn eval_anomaly(
         confusion,
         per_type,
         defect_types: type_eval.map(|mut t| {
-            t.accuracy = t.correct as f64 / t.images.max(1) as f64;
+            t.accuracy = (t.images > 0).then(|| t.correct as f64 / t.images as f64);
             t
         }),
         latency_ms_p50: pct(&latencies, 50.0),

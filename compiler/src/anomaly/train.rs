@@ -521,16 +521,26 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
     if let Some(folders) = &type_folders {
         let head = super::types::train_head(&detector.model, &spec, folders)?;
         notes.push(format!(
-            "defect types {:?} from {} labelled images: leave-one-out accuracy {:.3} ({}/{})",
+            "defect types {:?} from {} labelled images: {} accuracy {:.3} ({}/{})",
             head.types.labels,
             head.images,
-            head.loo_correct as f64 / head.images.max(1) as f64,
-            head.loo_correct,
+            head.validation,
+            head.cv_correct as f64 / head.images.max(1) as f64,
+            head.cv_correct,
             head.images
         ));
         if let Some(a) = manifest.anomaly.as_mut() {
             a.defect_types = Some(head.types);
         }
+        // An older runtime would ignore the head and report its patch features as values.
+        manifest.format_version =
+            manifest
+                .format_version
+                .max(neo_runtime::manifest::format_version_for(
+                    false,
+                    &manifest.inputs,
+                    manifest.anomaly.as_ref(),
+                ));
     }
     if let Some(a) = manifest.anomaly.as_mut() {
         a.threshold = threshold;

@@ -160,10 +160,15 @@ fn train_folded(x: &[Vec<f32>], y: &[usize], classes: usize) -> Fit {
 /// What training the head gave.
 pub struct TypeHead {
     pub types: DefectTypes,
-    /// Leave-one-out: each image classified by a head trained without it.
-    pub loo_correct: usize,
+    /// Images right when classified by a head trained without them (cross-validation).
+    pub cv_correct: usize,
+    /// "leave-one-out" or "10-fold".
+    pub validation: &'static str,
     pub images: usize,
 }
+
+/// Up to this many labelled images the head is checked leave-one-out, above 10-fold.
+const LEAVE_ONE_OUT_UP_TO: usize = 100;
 
 /// Trains the head on the detector's pooled patch features of every labelled image.
 pub fn train_head(
@@ -187,19 +192,23 @@ pub fn train_head(
         }
     }
     let classes = folders.len();
-    let loo_correct = (0..x.len())
-        .filter(|&i| {
-            let (xs, ys): (Vec<Vec<f32>>, Vec<usize>) = x
-                .iter()
-                .zip(&y)
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, (a, b))| (a.clone(), *b))
-                .unzip();
+    let folds = if x.len() <= LEAVE_ONE_OUT_UP_TO {
+        x.len()
+    } else {
+        10
+    };
+    let cv_correct = (0..folds)
+        .map(|fold| {
+            let (train, test): (Vec<usize>, Vec<usize>) =
+                (0..x.len()).partition(|i| i % folds != fold);
+            let xs: Vec<Vec<f32>> = train.iter().map(|&i| x[i].clone()).collect();
+            let ys: Vec<usize> = train.iter().map(|&i| y[i]).collect();
             let f = train_folded(&xs, &ys, classes);
-            argmax(&linear_softmax(&f.weights, &f.bias, &x[i])) == y[i]
+            test.iter()
+                .filter(|&&i| argmax(&linear_softmax(&f.weights, &f.bias, &x[i])) == y[i])
+                .count()
         })
-        .count();
+        .sum();
     let f = train_folded(&x, &y, classes);
     Ok(TypeHead {
         types: DefectTypes {
@@ -210,7 +219,12 @@ pub fn train_head(
             bias: f.bias,
             trained_on,
         },
-        loo_correct,
+        cv_correct,
+        validation: if folds == x.len() {
+            "leave-one-out"
+        } else {
+            "10-fold"
+        },
         images: x.len(),
     })
 }

@@ -327,7 +327,7 @@ fn text_line(r: &serde_json::Value) -> String {
             let regions = a["regions"].as_array().map_or(0, Vec::len);
             let kind = a
                 .get("defect_type")
-                .filter(|t| !t.is_null())
+                .filter(|t| !t.is_null() && a["verdict"] == "NG")
                 .map(|t| {
                     format!(
                         ": {} {:.2}",
