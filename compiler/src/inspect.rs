@@ -171,6 +171,15 @@ impl Inspection {
                 "    threshold   {} ({}){border}{top_k}",
                 a.threshold, a.threshold_method
             );
+            if let Some(t) = &a.defect_types {
+                let _ = writeln!(
+                    s,
+                    "    types       {} (linear head on the {} most anomalous cells' features, from {} labelled images)",
+                    t.labels.join(", "),
+                    t.pool_cells,
+                    t.trained_on.len()
+                );
+            }
         }
         let _ = writeln!(
             s,

@@ -529,6 +529,12 @@ fn a_defect_type_head_names_the_type_of_unseen_defects() {
         Some("broken_large")
     );
 
+    let (code, stdout, stderr) = neoc(&["inspect", path_str(&det)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("types       broken_large, broken_small, contamination"),
+        "{stdout}"
+    );
     let (code, stdout, stderr) = neoc(&["eval", path_str(&det), "--dataset", path_str(&ds)]);
     assert_eq!(code, 0, "{stderr}");
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
