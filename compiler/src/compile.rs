@@ -252,6 +252,8 @@ pub fn compile_imported(
                 q.method,
                 &f32_layers,
                 &quantized.bias_shifts,
+                q.qdq_style
+                    .unwrap_or_else(|| quantize::qdq::QdqStyle::for_board(&board)),
                 path,
             )?);
             qdq_file = Some(quantize::qdq::Written::new(path));

@@ -187,6 +187,17 @@ struct QuantArgs {
     /// Also write the calibrated model as standard QDQ ONNX (for onnxruntime, TensorRT).
     #[arg(long, requires = "quantize", value_name = "FILE.onnx")]
     emit_qdq: Option<PathBuf>,
+    /// Whose conventions the QDQ file follows [default: tensorrt for boards with a GPU,
+    /// onnxruntime otherwise]: tensorrt = int8 symmetric activations; onnxruntime = uint8
+    /// activations with every layer output quantized, which its CPU kernels fuse.
+    #[arg(long, value_enum, requires = "emit_qdq")]
+    qdq_for: Option<QdqForArg>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum QdqForArg {
+    Tensorrt,
+    Onnxruntime,
 }
 
 impl QuantArgs {
@@ -225,6 +236,10 @@ impl QuantArgs {
         };
         q.mixed_precision = self.mixed_precision;
         q.emit_qdq = self.emit_qdq;
+        q.qdq_style = self.qdq_for.map(|f| match f {
+            QdqForArg::Tensorrt => neoc::quantize::qdq::QdqStyle::TensorRt,
+            QdqForArg::Onnxruntime => neoc::quantize::qdq::QdqStyle::OnnxRuntime,
+        });
         q.bias_correction = !self.no_bias_correction;
         Ok(Some(q))
     }

@@ -50,6 +50,9 @@ pub struct QuantizeOptions {
     pub mixed_precision: bool,
     /// Also write the calibrated model as QDQ ONNX here.
     pub emit_qdq: Option<PathBuf>,
+    /// Whose conventions the QDQ file follows (`None`: by the board, see
+    /// [`qdq::QdqStyle::for_board`]).
+    pub qdq_style: Option<qdq::QdqStyle>,
     /// Take back the mean output shift of int8 weights through the layers' biases.
     pub bias_correction: bool,
     /// Layers whose name starts with one of these stay f32 (e.g. a detector's memory bank,
@@ -70,6 +73,7 @@ impl QuantizeOptions {
             budget: Budget::default(),
             mixed_precision: false,
             emit_qdq: None,
+            qdq_style: None,
             bias_correction: true,
             exclude_prefixes: Vec::new(),
             max_auroc_drop: 0.01,
@@ -227,7 +231,7 @@ impl QuantReport {
         }
         if let Some(q) = &self.qdq {
             s += &format!(
-                "  QDQ ONNX: {} ({} layers, {} activations, opset {}{})\n",
+                "  QDQ ONNX: {} ({} layers, {} activations, opset {}{}, for {})\n",
                 q.path,
                 q.quantized_layers,
                 q.quantized_activations,
@@ -236,6 +240,11 @@ impl QuantReport {
                     format!(", lifted from {}", q.opset_from)
                 } else {
                     String::new()
+                },
+                if q.style.is_empty() {
+                    "tensorrt"
+                } else {
+                    &q.style
                 }
             );
             if !q.accuracy.is_empty() {

@@ -49,6 +49,9 @@ impl Drop for Written {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct QdqSummary {
     pub path: String,
+    /// Whose conventions the Q/DQ placement follows ("tensorrt" or "onnxruntime").
+    #[serde(default)]
+    pub style: String,
     pub quantized_layers: usize,
     pub quantized_activations: usize,
     /// The model's opset, and the one written.
@@ -58,6 +61,37 @@ pub struct QdqSummary {
     /// against the f32 model on the held-out images: what int8 compute would give.
     #[serde(default)]
     pub accuracy: Vec<super::gate::OutputAgreement>,
+}
+
+/// Whose conventions the exported Q/DQ placement follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QdqStyle {
+    /// int8 activations, symmetric (zero point 0: TensorRT refuses others), quantized where
+    /// the layers read them; a layer's output read only by an activation function is left to
+    /// the fused pair.
+    TensorRt,
+    /// uint8 activations, asymmetric (non-negative tensors use 0..255 over 0..threshold), and
+    /// every layer's output quantized after its activation function, so onnxruntime fuses each
+    /// DQ → Conv → (Relu) → Q group into QLinearConv (its x86 kernels take uint8 activations).
+    OnnxRuntime,
+}
+
+impl QdqStyle {
+    /// TensorRT's conventions for boards with a GPU (Jetson), onnxruntime's elsewhere.
+    pub fn for_board(board: &neo_boards::BoardProfile) -> QdqStyle {
+        if board.gpu.is_some() {
+            QdqStyle::TensorRt
+        } else {
+            QdqStyle::OnnxRuntime
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QdqStyle::TensorRt => "tensorrt",
+            QdqStyle::OnnxRuntime => "onnxruntime",
+        }
+    }
 }
 
 fn err(msg: String) -> CompileError {
@@ -237,6 +271,7 @@ pub fn export(
     method: Method,
     f32_layers: &[String],
     bias_shifts: &[(String, Vec<f32>, Tensor)],
+    style: QdqStyle,
     path: &std::path::Path,
 ) -> Result<QdqSummary> {
     let mut proto = proto.clone();
@@ -312,6 +347,10 @@ pub fn export(
             .filter(|n| n.input.iter().any(|i| i == t))
             .collect()
     };
+    let layer_outputs: HashSet<&str> = layers
+        .iter()
+        .map(|(ix, _, _)| graph.node[*ix].output[0].as_str())
+        .collect();
     let mut act_names: Vec<String> = Vec::new();
     for (ix, _, _) in &layers {
         let n = &graph.node[*ix];
@@ -325,6 +364,18 @@ pub fn export(
         let mut tensors = vec![&n.input[0]];
         if !fused {
             tensors.push(out);
+        } else if style == QdqStyle::OnnxRuntime {
+            // onnxruntime fuses Conv → Relu → Q (the Relu folded into the uint8 range) when
+            // the activation's output goes on to quantized compute (another layer, or a
+            // Concat / MaxPool in front of one). The last layers' outputs (class scores
+            // before pooling) stay f32: a per-tensor range from the calibration images would
+            // clip classes those images never show.
+            tensors.extend(readers(out).iter().map(|r| &r.output[0]).filter(|t| {
+                readers(t).iter().any(|c| {
+                    layer_outputs.contains(c.output[0].as_str())
+                        || matches!(c.op_type.as_str(), "Concat" | "MaxPool")
+                })
+            }));
         }
         for t in tensors {
             if !act_names.contains(t) && !graph_outputs.contains(t) {
@@ -355,7 +406,14 @@ pub fn export(
             .iter()
             .position(|n| n.output.iter().any(|o| o == name))
             .unwrap_or(usize::MAX);
-        let scale = (ranges[k].threshold / 127.0).max(f32::MIN_POSITIVE);
+        let r = &ranges[k];
+        // (scale, zero point as stored, zero point's type)
+        let (scale, zero, zero_type) = match style {
+            QdqStyle::TensorRt => (r.threshold / 127.0, 0u8, DataType::Int8),
+            QdqStyle::OnnxRuntime if r.min >= 0.0 => (r.threshold / 255.0, 0u8, DataType::Uint8),
+            QdqStyle::OnnxRuntime => (r.threshold / 127.5, 128u8, DataType::Uint8),
+        };
+        let scale = scale.max(f32::MIN_POSITIVE);
         let (s, z, q, dq) = (
             format!("{name}_act_scale"),
             format!("{name}_act_zero_point"),
@@ -368,7 +426,7 @@ pub fn export(
             vec![],
             scale.to_le_bytes().to_vec(),
         ));
-        new_inits.push(tensor(z.clone(), DataType::Int8, vec![], vec![0]));
+        new_inits.push(tensor(z.clone(), zero_type, vec![], vec![zero]));
         after.entry(producer).or_default().extend([
             node(
                 "QuantizeLinear",
@@ -616,6 +674,7 @@ pub fn export(
     }
     Ok(QdqSummary {
         path: path.display().to_string(),
+        style: style.name().to_string(),
         quantized_layers: layers.len(),
         quantized_activations: act_names.len(),
         opset_from: from,
