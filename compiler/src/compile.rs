@@ -249,11 +249,14 @@ pub fn compile_imported(
                 &proto,
                 onnx_model,
                 &quantized.set.calibration,
-                q.method,
-                &f32_layers,
-                &quantized.bias_shifts,
-                q.qdq_style
-                    .unwrap_or_else(|| quantize::qdq::QdqStyle::for_board(&board)),
+                &quantize::qdq::ExportPlan {
+                    method: q.method,
+                    style: q
+                        .qdq_style
+                        .unwrap_or_else(|| quantize::qdq::QdqStyle::for_board(&board)),
+                    f32_layers: &f32_layers,
+                    bias_shifts: &quantized.bias_shifts,
+                },
                 path,
             )?);
             qdq_file = Some(quantize::qdq::Written::new(path));

@@ -261,19 +261,33 @@ fn lift_to_13(graph: &mut GraphProto, typed: &TypedModel, from: i64) -> Result<(
     Ok(())
 }
 
+/// What the export keeps from the quantization it follows.
+pub struct ExportPlan<'a> {
+    /// How activation ranges are chosen (the calibration's method).
+    pub method: Method,
+    pub style: QdqStyle,
+    /// Layers left in f32 (tract node names; an ONNX node is kept f32 when one of them is its
+    /// name or starts with its name and a dot).
+    pub f32_layers: &'a [String],
+    /// Bias corrections by layer (see [`super::Quantized::bias_shifts`]).
+    pub bias_shifts: &'a [(String, Vec<f32>, Tensor)],
+}
+
 /// Writes the QDQ model for `proto` (the source ONNX; `model` is it parsed with the input
-/// shape fixed). Layers named in `f32_layers` (tract node names; an ONNX node is kept f32
-/// when one of them is its name or starts with its name and a dot) are left in f32.
+/// shape fixed), calibrated on `images`, to `path`.
 pub fn export(
     proto: &ModelProto,
     model: &InferenceModel,
     images: &[(PathBuf, Tensor)],
-    method: Method,
-    f32_layers: &[String],
-    bias_shifts: &[(String, Vec<f32>, Tensor)],
-    style: QdqStyle,
+    plan: &ExportPlan,
     path: &std::path::Path,
 ) -> Result<QdqSummary> {
+    let ExportPlan {
+        method,
+        style,
+        f32_layers,
+        bias_shifts,
+    } = *plan;
     let mut proto = proto.clone();
     let from = default_opset(&proto);
     let mut graph = proto
