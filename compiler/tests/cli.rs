@@ -1209,6 +1209,35 @@ fn int8_bottle_classifier_passes_its_gate_and_keeps_its_answers() {
     let qdq = &report["qdq"]["accuracy"][0];
     assert_eq!(qdq["top1_agreement"], 1.0, "{report}");
     assert!(qdq["cosine_mean"].as_f64().unwrap() > 0.95, "{report}");
+    // x86_64 has no GPU: the file follows onnxruntime's conventions, which quantize each
+    // layer's output too (at least as many activations as the TensorRT-style file).
+    assert_eq!(report["qdq"]["style"], "onnxruntime", "{report}");
+    let ort_acts = report["qdq"]["quantized_activations"].as_u64().unwrap();
+    let trt_out = dir.path().join("int8-trt.neo");
+    let trt_qdq = dir.path().join("int8-trt.onnx");
+    let (code, _, stderr) = neoc(&[
+        "compile",
+        path_str(&repo().join("models/bottle-classifier/model.onnx")),
+        "-t",
+        "x86_64",
+        "-o",
+        path_str(&trt_out),
+        "--quantize",
+        "int8",
+        "--calibration",
+        path_str(&calib),
+        "--emit-qdq",
+        path_str(&trt_qdq),
+        "--qdq-for",
+        "tensorrt",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let trt = neo_runtime::Artifact::open(&trt_out).unwrap();
+    let trt_q = trt.manifest.quantization.clone().unwrap();
+    let trt_report: serde_json::Value =
+        serde_json::from_slice(trt.file(&trt_q.report).unwrap()).unwrap();
+    assert_eq!(trt_report["qdq"]["style"], "tensorrt");
+    assert!(trt_report["qdq"]["quantized_activations"].as_u64().unwrap() <= ort_acts);
 }
 
 #[test]
