@@ -247,14 +247,13 @@ ok_fraction = 0.0
         }
     }
 
-    #[test]
-    fn every_part_gets_one_result_and_each_ng_a_delayed_reject() {
-        let dir = tempfile::tempdir().unwrap();
-        compiled_classifier(dir.path());
-        copy_samples(&dir.path().join("frames"));
+    /// Runs the station of `dir` (its model `bottle.neo`) once over the shipped samples, with
+    /// a real Mosquitto and a subscriber to everything it publishes.
+    fn inspect_the_samples_once(dir: &Path) -> (Broker, Subscriber, station::Summary) {
+        copy_samples(&dir.join("frames"));
         let broker = Broker::start();
         let sub = Subscriber::start(broker.port, "e2e-sub", "neo/e2e/l1/st1/#");
-        let config = station_toml(dir.path(), broker.port, "frames", "loop = false");
+        let config = station_toml(dir, broker.port, "frames", "loop = false");
         let summary = station::run(
             config,
             RunOptions {
@@ -263,6 +262,14 @@ ok_fraction = 0.0
             },
         )
         .unwrap();
+        (broker, sub, summary)
+    }
+
+    #[test]
+    fn every_part_gets_one_result_and_each_ng_a_delayed_reject() {
+        let dir = tempfile::tempdir().unwrap();
+        compiled_classifier(dir.path());
+        let (_broker, sub, summary) = inspect_the_samples_once(dir.path());
         assert_eq!(summary.frames, 5, "{summary:?}");
         assert_eq!((summary.ng, summary.ok, summary.fail_safe), (3, 2, 0));
         assert_eq!(summary.dropped, 0);
@@ -364,18 +371,7 @@ ok_fraction = 0.0
             defect_types: Some(types),
         };
         neoc::anomaly::train_anomaly(&opts, &neo_boards::Boards::shipped()).unwrap();
-        copy_samples(&dir.path().join("frames"));
-        let broker = Broker::start();
-        let sub = Subscriber::start(broker.port, "e2e-sub", "neo/e2e/l1/st1/#");
-        let config = station_toml(dir.path(), broker.port, "frames", "loop = false");
-        let summary = station::run(
-            config,
-            RunOptions {
-                duration: Some(Duration::from_secs(60)),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let (_broker, sub, summary) = inspect_the_samples_once(dir.path());
         assert_eq!((summary.frames, summary.fail_safe), (5, 0), "{summary:?}");
         let results = sub.wait_for("inspection", 5, Duration::from_secs(10));
         let mut named = 0;
