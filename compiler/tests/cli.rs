@@ -1238,6 +1238,23 @@ fn int8_bottle_classifier_passes_its_gate_and_keeps_its_answers() {
         serde_json::from_slice(trt.file(&trt_q.report).unwrap()).unwrap();
     assert_eq!(trt_report["qdq"]["style"], "tensorrt");
     assert!(trt_report["qdq"]["quantized_activations"].as_u64().unwrap() <= ort_acts);
+    // What each file holds: uint8 activation zero points (ONNX type 2) for onnxruntime, int8
+    // (type 3, all zero) for TensorRT.
+    let zero_point_types = |path: &Path| {
+        let proto = neoc::import::import(path).unwrap().proto;
+        let mut types: Vec<i32> = proto
+            .graph
+            .unwrap()
+            .initializer
+            .iter()
+            .filter(|t| t.name.ends_with("_act_zero_point"))
+            .map(|t| t.data_type)
+            .collect();
+        types.dedup();
+        types
+    };
+    assert_eq!(zero_point_types(&qdq_out), [2]);
+    assert_eq!(zero_point_types(&trt_qdq), [3]);
 }
 
 #[test]

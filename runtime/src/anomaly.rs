@@ -228,8 +228,12 @@ pub fn pooled_features(
             map[i]
         }
     };
-    order.sort_by(|&a, &b| key(b).total_cmp(&key(a)));
-    order.truncate(pool_cells.max(1));
+    let k = pool_cells.clamp(1, order.len().max(1));
+    if k < order.len() {
+        // Only which cells are hottest matters, not their order.
+        order.select_nth_unstable_by(k - 1, |&a, &b| key(b).total_cmp(&key(a)));
+        order.truncate(k);
+    }
     let mut pooled = vec![0f32; dim];
     for &i in &order {
         for (p, f) in pooled.iter_mut().zip(&features[i * dim..(i + 1) * dim]) {

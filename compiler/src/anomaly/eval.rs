@@ -132,8 +132,11 @@ pub fn eval_anomaly(
     let (mut pixel_scores, mut pixel_labels) = (Vec::new(), Vec::new());
     let mut scores = Vec::new();
     let mut latencies = Vec::new();
-    let spec = model.manifest().anomaly.clone();
-    let head = spec.as_ref().and_then(|a| a.defect_types.clone());
+    let head = model
+        .manifest()
+        .anomaly
+        .as_ref()
+        .and_then(|a| a.defect_types.clone());
     let mut type_eval = head.as_ref().map(|_| TypeAccuracy {
         images: 0,
         correct: 0,
@@ -145,10 +148,13 @@ pub fn eval_anomaly(
     for s in &samples {
         let start = Instant::now();
         let img = preprocess::load(&s.path)?;
-        let outputs = model.run(vec![model.image_tensor(&img)?])?;
-        let preds = model.interpret(&outputs, 1, (img.width(), img.height()))?;
+        let (preds, _) = model.predict(&img, 1)?;
         latencies.push(start.elapsed().as_secs_f64() * 1e3);
-        if let (Some(t), Some(a), Some(te)) = (&head, &spec, type_eval.as_mut()) {
+        let result = preds
+            .iter()
+            .find_map(|p| p.anomaly.as_ref())
+            .ok_or_else(|| CompileError::Options("the detector gave no anomaly map".into()))?;
+        if let (Some(t), Some(te)) = (&head, type_eval.as_mut()) {
             let file = s
                 .path
                 .file_name()
@@ -161,10 +167,11 @@ pub fn eval_anomaly(
                     te.skipped_trained += 1
                 }
                 (true, Some(label)) => {
-                    let (map, h, w, features) =
-                        model.map_and_features(&outputs, &t.features_output)?;
-                    let got = neo_runtime::anomaly::defect_type(a, t, &map, h, w, &features)?
-                        .map_or_else(|| "(none: features not finite)".to_string(), |g| g.label);
+                    // The runtime names the type of every image (not only NG ones).
+                    let got = result.defect_type.as_ref().map_or_else(
+                        || "(none: features not finite)".to_string(),
+                        |g| g.label.clone(),
+                    );
                     te.images += 1;
                     te.correct += (&got == label) as usize;
                     *te.confusion
@@ -175,10 +182,6 @@ pub fn eval_anomaly(
                 }
             }
         }
-        let result = preds
-            .iter()
-            .find_map(|p| p.anomaly.as_ref())
-            .ok_or_else(|| CompileError::Options("the detector gave no anomaly map".into()))?;
         debug_assert_eq!(result.verdict == Verdict::Ng, result.score > 1.0);
         scores.push(result.score);
         if with_masks && (s.mask.is_some() || !s.defective) {
