@@ -81,8 +81,13 @@ impl FrameInbox {
     /// The largest frame `camera` takes; an unknown camera is refused (and counted), naming
     /// those that can be pushed to.
     pub fn limit(&self, camera: &str) -> Result<usize, PushError> {
+        self.entry(camera).map(|(_, max_bytes)| *max_bytes)
+    }
+
+    /// `camera`'s queue and frame limit; an unknown camera is refused as in [`Self::limit`].
+    fn entry(&self, camera: &str) -> Result<&(SyncSender<PushedFrame>, usize), PushError> {
         match self.senders.get(camera) {
-            Some((_, max_bytes)) => Ok(*max_bytes),
+            Some(entry) => Ok(entry),
             None => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 let mut known: Vec<&str> = self.senders.keys().map(String::as_str).collect();
@@ -101,7 +106,8 @@ impl FrameInbox {
         via: &'static str,
         name: Option<String>,
     ) -> Result<(), PushError> {
-        let max_bytes = self.limit(camera)?;
+        let (tx, max_bytes) = self.entry(camera)?;
+        let max_bytes = *max_bytes;
         let refuse = |e: PushError| {
             self.refused.fetch_add(1, Ordering::Relaxed);
             Err(e)
@@ -119,12 +125,12 @@ impl FrameInbox {
             name,
         };
         // A station that stopped reading is as good as a full one.
-        match self.senders.get(camera).map(|(tx, _)| tx.try_send(frame)) {
-            Some(Ok(())) => {
+        match tx.try_send(frame) {
+            Ok(()) => {
                 self.received.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Some(Err(TrySendError::Full(_) | TrySendError::Disconnected(_))) | None => {
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 refuse(PushError::Full(camera.into()))
             }
         }

@@ -228,31 +228,25 @@ pub fn inspect(
                 .find_map(|p| p.anomaly.as_ref())
                 .ok_or("the detector gave no anomaly result")?;
             let score = a.score / threshold;
+            let ng = score > 1.0;
+            // The defect type, when the detector has a head, for NG parts only.
+            let kind = a.defect_type.as_ref().filter(|_| ng);
             Decision {
-                verdict: if score > 1.0 {
-                    Verdict::Ng
-                } else {
-                    Verdict::Ok
-                },
+                verdict: if ng { Verdict::Ng } else { Verdict::Ok },
                 score,
                 raw_score: a.score,
                 threshold,
-                reason: match (score > 1.0, &a.defect_type) {
+                reason: match (ng, kind) {
+                    (false, _) => "within normal".into(),
+                    (true, None) => {
+                        format!("anomaly score {:.2} above threshold {threshold}", a.score)
+                    }
                     (true, Some(t)) => format!(
                         "anomaly score {:.2} above threshold {threshold}: {} ({:.2})",
                         a.score, t.label, t.probability
                     ),
-                    (true, None) => {
-                        format!("anomaly score {:.2} above threshold {threshold}", a.score)
-                    }
-                    (false, _) => "within normal".into(),
                 },
-                // The defect type, when the detector has a head (set for NG images only).
-                label: a
-                    .defect_type
-                    .as_ref()
-                    .filter(|_| score > 1.0)
-                    .map(|t| t.label.clone()),
+                label: kind.map(|t| t.label.clone()),
                 regions: a.regions.clone(),
             }
         }
