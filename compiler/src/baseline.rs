@@ -17,6 +17,31 @@ pub struct Baseline {
     pub load_ms: Vec<f64>,
     /// Sorted per-run inference times.
     pub inference_ms: Vec<f64>,
+    /// Where the time goes, when asked for.
+    pub profile: Option<Profile>,
+}
+
+/// Per-node timings of the optimized plan.
+#[derive(Debug, serde::Serialize)]
+pub struct Profile {
+    /// Per operator kind, slowest first.
+    pub ops: Vec<OpTime>,
+    /// The slowest nodes: name, operator and mean milliseconds per inference.
+    pub nodes: Vec<(String, String, f64)>,
+}
+
+/// Where an inference spends its time: one kind of operator of the optimized plan.
+#[derive(Debug, serde::Serialize)]
+pub struct OpTime {
+    /// tract's name of the operator (after optimization: the kernels that really run).
+    pub op: String,
+    /// Nodes of that kind in the plan.
+    pub nodes: usize,
+    /// Mean milliseconds per inference spent in them.
+    pub ms: f64,
+    /// The slowest node of that kind and its mean milliseconds.
+    pub slowest: String,
+    pub slowest_ms: f64,
 }
 
 /// Loads `model` with tract-onnx `loads` times and runs it `runs` times on a fixed input.
@@ -25,6 +50,7 @@ pub fn baseline(
     input_shape: Option<Vec<usize>>,
     loads: usize,
     runs: usize,
+    profile: bool,
 ) -> Result<Baseline> {
     let mut load_ms = Vec::new();
     let mut plan = None;
@@ -62,10 +88,61 @@ pub fn baseline(
     }
     inference_ms.sort_by(f64::total_cmp);
     load_ms.sort_by(f64::total_cmp);
+    let profile = if profile {
+        Some(profile_plan(&plan, &input, runs.max(1))?)
+    } else {
+        None
+    };
     Ok(Baseline {
         model: model.display().to_string(),
         input_shape: shape,
         load_ms,
         inference_ms,
+        profile,
     })
+}
+
+/// Runs the plan `runs` times timing every node, and sums the times per operator kind.
+fn profile_plan(plan: &Arc<TypedSimplePlan>, input: &Tensor, runs: usize) -> Result<Profile> {
+    use std::collections::HashMap;
+    let mut per_node: HashMap<usize, (String, String, f64)> = HashMap::new();
+    let mut state = plan.spawn().map_err(tract("start the plan"))?;
+    for _ in 0..runs {
+        state
+            .run_plan_with_eval(tvec!(input.clone().into_tvalue()), |ctx, op_state, node, inputs| {
+                let start = Instant::now();
+                let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+                let ms = start.elapsed().as_secs_f64() * 1e3;
+                let entry = per_node
+                    .entry(node.id)
+                    .or_insert_with(|| (node.op().name().to_string(), node.name.clone(), 0.0));
+                entry.2 += ms;
+                out
+            })
+            .map_err(tract("run the graph"))?;
+    }
+    let mut per_op: HashMap<String, OpTime> = HashMap::new();
+    let mut nodes = Vec::new();
+    for (op, node, total) in per_node.into_values() {
+        let ms = total / runs as f64;
+        nodes.push((node.clone(), op.clone(), ms));
+        let t = per_op.entry(op.clone()).or_insert_with(|| OpTime {
+            op,
+            nodes: 0,
+            ms: 0.0,
+            slowest: String::new(),
+            slowest_ms: -1.0,
+        });
+        t.nodes += 1;
+        t.ms += ms;
+        if ms > t.slowest_ms {
+            t.slowest = node;
+            t.slowest_ms = ms;
+        }
+    }
+    let mut ops: Vec<OpTime> = per_op.into_values().collect();
+    ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    nodes.sort_by(|a, b| b.2.total_cmp(&a.2));
+    nodes.truncate(30);
+    Ok(Profile { ops, nodes })
 }

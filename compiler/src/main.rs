@@ -488,6 +488,10 @@ enum Command {
         loads: usize,
         #[arg(long, default_value_t = 50)]
         runs: usize,
+        /// Also time every node of the optimized plan and print where the time goes, per
+        /// operator kind (adds the timing overhead of one clock read per node).
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -588,9 +592,10 @@ fn run(cli: Cli) -> Result<()> {
             input_shape,
             loads,
             runs,
+            profile,
         } => {
             let shape = input_shape.as_deref().map(parse_shape).transpose()?;
-            let b = neoc::baseline::baseline(&model, shape, loads, runs)
+            let b = neoc::baseline::baseline(&model, shape, loads, runs, profile)
                 .with_context(|| format!("benchmarking {}", model.display()))?;
             let pct = |v: &[f64], p: f64| v[((p / 100.0) * (v.len() - 1) as f64).round() as usize];
             println!(
@@ -600,6 +605,7 @@ fn run(cli: Cli) -> Result<()> {
                     "input_shape": b.input_shape,
                     "load_ms": {"p50": pct(&b.load_ms, 50.0), "min": b.load_ms[0]},
                     "inference_ms": {"p50": pct(&b.inference_ms, 50.0), "p99": pct(&b.inference_ms, 99.0), "min": b.inference_ms[0]},
+                    "profile": b.profile,
                 })
             );
         }
