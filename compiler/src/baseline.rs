@@ -109,16 +109,19 @@ fn profile_plan(plan: &Arc<TypedSimplePlan>, input: &Tensor, runs: usize) -> Res
     let mut state = plan.spawn().map_err(tract("start the plan"))?;
     for _ in 0..runs {
         state
-            .run_plan_with_eval(tvec!(input.clone().into_tvalue()), |ctx, op_state, node, inputs| {
-                let start = Instant::now();
-                let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
-                let ms = start.elapsed().as_secs_f64() * 1e3;
-                let entry = per_node
-                    .entry(node.id)
-                    .or_insert_with(|| (node.op().name().to_string(), node.name.clone(), 0.0));
-                entry.2 += ms;
-                out
-            })
+            .run_plan_with_eval(
+                tvec!(input.clone().into_tvalue()),
+                |ctx, op_state, node, inputs| {
+                    let start = Instant::now();
+                    let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+                    let ms = start.elapsed().as_secs_f64() * 1e3;
+                    let entry = per_node
+                        .entry(node.id)
+                        .or_insert_with(|| (node.op().name().to_string(), node.name.clone(), 0.0));
+                    entry.2 += ms;
+                    out
+                },
+            )
             .map_err(tract("run the graph"))?;
     }
     let mut per_op: HashMap<String, OpTime> = HashMap::new();

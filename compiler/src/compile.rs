@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
-use tract_onnx::WithOnnx;
 
 /// What the user asked for: flags, each overriding the model card.
 #[derive(Debug, Clone, Default)]
@@ -146,9 +145,11 @@ pub fn compile_imported(
         .as_ref()
         .and_then(|q| q.emit_qdq.as_ref())
         .map(|_| model.clone());
-    let typed = model
+    let raw = model
         .into_typed()
-        .map_err(tract("infer the graph's types and shapes"))?
+        .map_err(tract("infer the graph's types and shapes"))?;
+    let typed = raw
+        .clone()
         .into_decluttered()
         .map_err(tract("declutter the graph"))?;
 
@@ -221,7 +222,7 @@ pub fn compile_imported(
         .into_runnable()
         .map_err(tract("plan the graph"))?;
 
-    let nnef = tract_nnef::nnef().with_onnx();
+    let nnef = neo_runtime::nnef();
     let write_nnef = |model: &TypedModel| {
         nnef.write_to_tar_with_config(model, Vec::new(), false, true)
             .map_err(tract("write the graph as NNEF"))
@@ -234,7 +235,14 @@ pub fn compile_imported(
     // What the reloaded artifact must reproduce: the f32 plan, or the quantized graph's.
     let mut expected_plan = reference.clone();
     if let Some(q) = &opts.quantize {
-        let mut quantized = quantize::quantize(&typed, &reference, &input, &outputs, &board, q)?;
+        // int8 compute rewrites convolutions before decluttering splits and reshapes them.
+        let (scheme, _, _) = quantize::scheme_for(&board, q.int8_compute);
+        let source = if scheme == quantize::SCHEME_INT8_COMPUTE {
+            &quantize::compute::prepare(&raw)?
+        } else {
+            &typed
+        };
+        let mut quantized = quantize::quantize(source, &reference, &input, &outputs, &board, q)?;
         let (bytes, packed) = neo_runtime::int8::pack(&write_nnef(&quantized.model)?, 64)?;
         quantized.report.packed_tensors = packed.len();
         // The same graph with every tensor as f32: what the device unpacks it to.
@@ -294,6 +302,9 @@ pub fn compile_imported(
     let manifest = Manifest {
         format_version: neo_runtime::manifest::format_version_for(
             quantization.as_ref().is_some_and(|q| q.packed_tensors > 0),
+            quantization
+                .as_ref()
+                .is_some_and(|q| q.scheme == quantize::SCHEME_INT8_COMPUTE),
             std::slice::from_ref(&input),
             anomaly.as_ref(),
         ),

@@ -8,7 +8,6 @@ use std::fmt::Write as _;
 use std::io::Cursor;
 use std::path::Path;
 use tract_onnx::prelude::*;
-use tract_onnx::WithOnnx;
 
 /// Summary of an artifact.
 #[derive(Debug, serde::Serialize)]
@@ -33,8 +32,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     })?;
     let artifact = Artifact::from_bytes(&path.display().to_string(), &bytes)?;
     let nnef = artifact.file(MODEL_FILE).unwrap_or_default();
-    let graph = tract_nnef::nnef()
-        .with_onnx()
+    let graph = neo_runtime::nnef()
         .model_for_read(&mut Cursor::new(&*neo_runtime::int8::unpack(nnef)?))
         .map_err(tract("read the stored NNEF graph"))?
         // Loading NNEF leaves identity casts around constants; declutter as the device does.
@@ -216,7 +214,11 @@ impl Inspection {
                     l.name,
                     l.op,
                     format!("{:?}", l.shape),
-                    l.precision,
+                    if l.int8_compute {
+                        "int8 comp"
+                    } else {
+                        l.precision.as_str()
+                    },
                     l.weight_relative_error,
                     l.activation.min,
                     l.activation.max,

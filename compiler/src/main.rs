@@ -192,6 +192,17 @@ struct QuantArgs {
     /// activations with every layer output quantized, which its CPU kernels fuse.
     #[arg(long, value_enum, requires = "emit_qdq")]
     qdq_for: Option<QdqForArg>,
+    /// int8-compute: convolutions run on neo's int8 kernels (AVX-512 VNNI, Arm dot product);
+    /// int8-weights: weights stored int8, computed in f32 [default: int8-compute for boards
+    /// whose profile says int8_compute = true, int8-weights otherwise].
+    #[arg(long, value_enum, requires = "quantize")]
+    scheme: Option<SchemeArg>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SchemeArg {
+    Int8Compute,
+    Int8Weights,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -241,6 +252,7 @@ impl QuantArgs {
             QdqForArg::Onnxruntime => neoc::quantize::qdq::QdqStyle::OnnxRuntime,
         });
         q.bias_correction = !self.no_bias_correction;
+        q.int8_compute = self.scheme.map(|s| matches!(s, SchemeArg::Int8Compute));
         Ok(Some(q))
     }
 }

@@ -270,7 +270,7 @@ pub fn train_sensor(opts: &SensorTrainOptions, boards: &Boards) -> Result<Sensor
             .unwrap_or_else(|| "sensor".into())
     });
     let manifest = Manifest {
-        format_version: neo_runtime::manifest::format_version_for(false, &[], None),
+        format_version: neo_runtime::manifest::format_version_for(false, false, &[], None),
         name,
         compiler: compiler_info(),
         source: SourceInfo {

@@ -1258,6 +1258,116 @@ fn int8_bottle_classifier_passes_its_gate_and_keeps_its_answers() {
 }
 
 #[test]
+fn a_dot_product_board_gets_convolutions_computed_in_int8() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calibration_folder(dir.path());
+    let model = repo().join("models/bottle-classifier/model.onnx");
+    let f32_out = dir.path().join("f32.neo");
+    let q_out = dir.path().join("int8-compute.neo");
+    let (code, _, stderr) = neoc(&[
+        "compile",
+        path_str(&model),
+        "-t",
+        "rpi5",
+        "-o",
+        path_str(&f32_out),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    // rpi5's Cortex-A76 has the dot product: its profile says int8_compute = true.
+    let (code, stdout, stderr) = neoc(&[
+        "compile",
+        path_str(&model),
+        "-t",
+        "rpi5",
+        "-o",
+        path_str(&q_out),
+        "--quantize",
+        "int8",
+        "--calibration",
+        path_str(&calib),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("quantization: int8-compute (int8 compute) for rpi5"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+    let artifact = neo_runtime::Artifact::open(&q_out).unwrap();
+    // A v3 runtime cannot load neo_q8_conv: format 4.
+    assert_eq!(artifact.manifest.format_version, 4);
+    assert_eq!(artifact.manifest.target.precision, "int8-compute");
+    let q = artifact.manifest.quantization.clone().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(artifact.file(&q.report).unwrap()).unwrap();
+    let layers = report["layers"].as_array().unwrap();
+    // Every plain convolution computes in int8; what cannot (depthwise convolutions, the
+    // classifier's matrix product) keeps int8 weights and says why.
+    let computed = layers.iter().filter(|l| l["int8_compute"] == true).count();
+    assert!(computed >= 5, "{report}");
+    for l in layers.iter().filter(|l| l["int8_compute"] != true) {
+        let reason = l["reason"].as_str().unwrap_or_default();
+        assert!(reason.starts_with("int8 weight, f32 compute: "), "{l}");
+    }
+    assert!(
+        report["accuracy"][0]["cosine_min"].as_f64().unwrap() > 0.99,
+        "{report}"
+    );
+
+    // The stored graph holds the int8 convolutions; inspect marks their layers.
+    let (code, stdout, stderr) = neoc(&["inspect", path_str(&q_out)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("(artifact format v4)"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{computed:>7}  Q8Conv")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("int8 comp"), "{stdout}");
+
+    // The device runs it and gives the f32 model's answers on the samples.
+    let (f32_model, q_model) = (Model::load(&f32_out).unwrap(), Model::load(&q_out).unwrap());
+    for file in [
+        "bottle_good_000.png",
+        "bottle_broken_large_000.png",
+        "bottle_contamination_000.png",
+    ] {
+        let img = image::open(repo().join("models/samples").join(file)).unwrap();
+        let (a, _) = f32_model.predict(&img, 1).unwrap();
+        let (b, _) = q_model.predict(&img, 1).unwrap();
+        assert_eq!(a[0].top_k[0].label, b[0].top_k[0].label, "{file}");
+        assert!(
+            (a[0].top_k[0].score - b[0].top_k[0].score).abs() < 0.05,
+            "{file}: {a:?} {b:?}"
+        );
+    }
+
+    // --scheme overrides the board: int8 weights only on rpi5.
+    let w_out = dir.path().join("int8-weights.neo");
+    let (code, stdout, stderr) = neoc(&[
+        "compile",
+        path_str(&model),
+        "-t",
+        "rpi5",
+        "-o",
+        path_str(&w_out),
+        "--quantize",
+        "int8",
+        "--calibration",
+        path_str(&calib),
+        "--scheme",
+        "int8-weights",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("int8-weights (f32 compute)"), "{stdout}");
+    assert_eq!(
+        neo_runtime::Artifact::open(&w_out)
+            .unwrap()
+            .manifest
+            .format_version,
+        2
+    );
+}
+
+#[test]
 fn quantization_refuses_bad_calibration_input() {
     let dir = tempfile::tempdir().unwrap();
     let model = repo().join("models/fixtures/tiny_conv.onnx");

@@ -10,12 +10,14 @@ pub mod int8;
 pub mod manifest;
 pub mod model;
 pub mod preprocess;
+pub mod q8;
 pub mod sensor;
 
 pub use artifact::Artifact;
 pub use error::{Result, RuntimeError};
 pub use manifest::{Manifest, FORMAT_VERSION};
 pub use model::{tensor_to_f32, Classification, Model, Prediction, Timings};
+pub use q8::nnef;
 pub use sensor::SensorArtifact;
 /// tract's tensor type, as models take and return it.
 pub use tract_nnef::prelude::Tensor;

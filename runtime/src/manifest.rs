@@ -4,17 +4,19 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Artifact format version this runtime writes and reads. Bump on any incompatible change.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// Oldest format this runtime still reads.
 pub const MIN_FORMAT_VERSION: u32 = 1;
 /// The oldest format that can express an artifact, so older devices keep reading what they
-/// can run: 3 when an input is preprocessed with `flatten` (a v2 runtime would skip the step
+/// can run: 4 when its graph computes in int8 (`neo_q8_conv` nodes, see [`crate::q8`], which a
+/// v3 runtime cannot load), 3 when an input is preprocessed with `flatten` (a v2 runtime would skip the step
 /// and compute on different pixels) or a detector has a defect-type head (a v2 runtime would
 /// report its patch features as raw values), 2 when its graph holds int8-packed weights
 /// (`model.nnef.tar` entries `NAME.dat.q8`, see [`crate::int8`]), which a v1 runtime would not
 /// find; 1 otherwise.
 pub fn format_version_for(
     int8_packed: bool,
+    int8_compute: bool,
     inputs: &[InputSpec],
     anomaly: Option<&AnomalySpec>,
 ) -> u32 {
@@ -22,7 +24,9 @@ pub fn format_version_for(
         .iter()
         .any(|i| i.preprocess.as_ref().is_some_and(|p| p.flatten.is_some()));
     let typed = anomaly.is_some_and(|a| a.defect_types.is_some());
-    if flattened || typed {
+    if int8_compute {
+        4
+    } else if flattened || typed {
         3
     } else if int8_packed {
         2

@@ -11,7 +11,6 @@ use std::io::Cursor;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tract_nnef::prelude::*;
-use tract_onnx_opl::WithOnnx;
 
 /// One class and its score.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -103,8 +102,7 @@ impl Model {
             .file(MODEL_FILE)
             .ok_or_else(|| RuntimeError::BadManifest(format!("no {MODEL_FILE} in the artifact")))?;
         let nnef_bytes = crate::int8::unpack(nnef_bytes)?;
-        let typed = tract_nnef::nnef()
-            .with_onnx()
+        let typed = crate::nnef()
             .model_for_read(&mut Cursor::new(&*nnef_bytes))
             .map_err(model_err("loading the NNEF graph"))?;
         check_against_manifest(&typed, &manifest)?;

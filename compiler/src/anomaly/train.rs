@@ -538,6 +538,7 @@ pub fn train_anomaly(opts: &TrainOptions, boards: &Boards) -> Result<TrainReport
                 .format_version
                 .max(neo_runtime::manifest::format_version_for(
                     false,
+                    false,
                     &manifest.inputs,
                     manifest.anomaly.as_ref(),
                 ));

@@ -1,12 +1,13 @@
 //! `neoc compile --quantize int8`: calibrated post-training quantization, checked against the
 //! f32 model before anything is written.
 //!
-//! The board profile picks the scheme. tract's int8 kernels ran 40–70× slower than f32 on the
-//! AVX2 (no VNNI) machine neo is built on, so a board without fast int8 dot products gets
-//! int8 *weight storage* with f32 compute: a quarter of the bytes, the f32 speed. Boards with
-//! dot-product CPUs are marked `int8_compute` in their profile; neoc does not emit int8-compute
-//! graphs yet, so they get the same scheme, and the activation ranges calibration measures
-//! (per tensor, by min/max, percentile or entropy) are kept in the report for when it does.
+//! The board profile picks the scheme (`--scheme` overrides it). A board without fast int8
+//! dot products gets int8 *weight storage* with f32 compute: a quarter of the bytes, the f32
+//! speed. Boards with dot-product CPUs (marked `int8_compute` in their profile) get int8
+//! *compute*: convolutions become `neo_q8_conv` nodes (see [`compute`]) that run on the
+//! CPU's int8 dot-product instructions, with the input ranges calibration measured (per
+//! tensor, by min/max, percentile or entropy). tract's own int8 operators are not used: they
+//! ran 7–70x slower than its f32 ones (`neoc baseline --profile`, docs/benchmarks.md).
 //!
 //! Steps: calibration images (preprocessed per the manifest) → activation ranges → int8
 //! weights per output channel → the accuracy gate on held-out images (top-1 agreement, abs
@@ -14,6 +15,7 @@
 //! holds → `report.json`.
 
 pub mod calib;
+pub mod compute;
 pub mod gate;
 pub mod qdq;
 pub mod weights;
@@ -33,8 +35,10 @@ pub use gate::Budget;
 pub const REPORT_FILE: &str = "report.json";
 /// Version of `report.json`'s layout.
 pub const REPORT_VERSION: u32 = 1;
-/// The one scheme neoc emits today.
+/// int8 weights, f32 compute.
 pub const SCHEME_INT8_WEIGHTS: &str = "int8-weights";
+/// int8 weights, convolutions computed in int8.
+pub const SCHEME_INT8_COMPUTE: &str = "int8-compute";
 
 /// What `--quantize int8` was asked to do.
 #[derive(Debug, Clone)]
@@ -61,6 +65,9 @@ pub struct QuantizeOptions {
     /// Largest image-AUROC loss allowed for anomaly detectors (checked by `train anomaly`
     /// when defective images are given).
     pub max_auroc_drop: f64,
+    /// int8 compute (`Some(true)`), int8 weights only (`Some(false)`), or as the board's
+    /// profile says (`None`).
+    pub int8_compute: Option<bool>,
 }
 
 impl QuantizeOptions {
@@ -77,6 +84,7 @@ impl QuantizeOptions {
             bias_correction: true,
             exclude_prefixes: Vec::new(),
             max_auroc_drop: 0.01,
+            int8_compute: None,
         }
     }
 }
@@ -90,9 +98,12 @@ pub struct LayerReport {
     pub shape: Vec<usize>,
     /// "int8" or "f32".
     pub precision: String,
-    /// Why a layer stayed f32.
+    /// Why a layer stayed f32, or why an int8 layer computes in f32 under int8 compute.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Whether the layer computes in int8 (`neo_q8_conv`), not only stores its weight so.
+    #[serde(default)]
+    pub int8_compute: bool,
     /// Axis the per-channel scales run along (none: one scale).
     pub channel_axis: Option<usize>,
     pub weight_scale_min: f32,
@@ -204,6 +215,10 @@ impl QuantReport {
         if !kept.is_empty() {
             s += &format!(" (kept in f32: {})", kept.join(", "));
         }
+        if self.scheme == SCHEME_INT8_COMPUTE {
+            let n = self.layers.iter().filter(|l| l.int8_compute).count();
+            s += &format!("; {n} compute in int8, the rest in f32");
+        }
         s += &format!(
             "\n  weights: {:.2} MiB f32 → {:.2} MiB int8 ({} tensors); graph file {:.2} → {:.2} MiB ({:.0} %)\n",
             mib(self.quantized_weights_f32_bytes),
@@ -261,23 +276,46 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
-/// The scheme a board gets, and why.
-pub fn scheme_for(board: &BoardProfile) -> (&'static str, &'static str, String) {
-    let reason = if board.int8_compute {
-        format!(
-            "{} has fast int8 dot products, but neoc does not emit int8-compute graphs yet: \
-             weights are stored int8 and computed in f32 (activation scales are in the report)",
-            board.cpu
-        )
-    } else {
-        format!(
-            "{} has no fast int8 kernels (profile: int8_compute = false; tract's int8 \
-             EfficientNet-Lite0 ran 24x slower than f32 on an AVX2 CPU without VNNI, \
-             docs/benchmarks.md): weights are stored int8 and computed in f32",
-            board.cpu
-        )
-    };
-    (SCHEME_INT8_WEIGHTS, "f32", reason)
+/// The scheme a board gets (or the one asked for), and why.
+pub fn scheme_for(
+    board: &BoardProfile,
+    requested: Option<bool>,
+) -> (&'static str, &'static str, String) {
+    match (requested, board.int8_compute) {
+        (Some(true), _) | (None, true) => (
+            SCHEME_INT8_COMPUTE,
+            "int8",
+            if requested.is_some() {
+                format!(
+                    "int8 compute asked for with --scheme (profile: int8_compute = {}): \
+                     convolutions run on neo's int8 kernels (VNNI on x86_64, the dot product \
+                     on aarch64, portable code elsewhere), other layers keep int8 weights",
+                    board.int8_compute
+                )
+            } else {
+                format!(
+                    "{} has fast int8 dot products (profile: int8_compute = true): \
+                     convolutions run on neo's int8 kernels, other layers keep int8 weights \
+                     with f32 compute",
+                    board.cpu
+                )
+            },
+        ),
+        (Some(false), _) | (None, false) => (
+            SCHEME_INT8_WEIGHTS,
+            "f32",
+            if requested.is_some() {
+                "int8 weights with f32 compute asked for with --scheme".to_string()
+            } else {
+                format!(
+                    "{} has no fast int8 dot products (profile: int8_compute = false; \
+                     without VNNI or the Arm dot product int8 compute is no faster than \
+                     f32): weights are stored int8 and computed in f32",
+                    board.cpu
+                )
+            },
+        ),
+    }
 }
 
 /// A quantized graph and its report (graph sizes filled in by the caller).
@@ -304,8 +342,9 @@ pub fn device_plan(model: &TypedModel) -> Result<Arc<TypedSimplePlan>> {
         .map_err(tract("plan the quantized graph"))
 }
 
-/// Calibrates and quantizes `typed` (decluttered f32), checks it against `reference` (the f32
-/// plan) on held-out images, and returns the graph to write.
+/// Calibrates and quantizes `typed` (f32; for the int8-compute scheme the typed graph before
+/// decluttering, see [`compute`]), checks it against `reference` (the f32 plan) on held-out
+/// images, and returns the graph to write (decluttered).
 pub fn quantize(
     typed: &TypedModel,
     reference: &Arc<TypedSimplePlan>,
@@ -315,6 +354,8 @@ pub fn quantize(
     opts: &QuantizeOptions,
 ) -> Result<Quantized> {
     let start = Instant::now();
+    let (scheme, compute, scheme_reason) = scheme_for(board, opts.int8_compute);
+    let int8_compute = scheme == SCHEME_INT8_COMPUTE;
     let set = calib::load(&opts.calibration, input, opts.holdout, opts.max_images)?;
     let layers: Vec<weights::Layer> = weights::find_layers(typed)?
         .into_iter()
@@ -384,7 +425,15 @@ pub fn quantize(
 
     let holdout: Vec<Tensor> = set.holdout.iter().map(|(_, t)| t.clone()).collect();
     let refs = gate::Reference::new(reference, &holdout)?;
-    let build = |f32_layers: &[usize]| -> Result<TypedModel> {
+    let range_of = |l: &weights::Layer| -> &calib::ActivationRange {
+        let k = tensors
+            .iter()
+            .position(|t| *t == l.activation)
+            .expect("every layer's activation was measured");
+        &ranges[k]
+    };
+    // The graph with every layer but `f32_layers` quantized, and the layers computing in int8.
+    let build_with = |f32_layers: &[usize]| -> Result<(TypedModel, Vec<String>)> {
         let chosen: Vec<_> = layers
             .iter()
             .zip(&quantized)
@@ -396,18 +445,24 @@ pub fn quantize(
                 } else {
                     None
                 };
-                (l, q, shift)
+                (l, q, shift, range_of(l))
             })
             .collect();
-        weights::with_int8_weights(typed, &chosen)
+        if int8_compute {
+            compute::with_int8_compute(typed, &chosen)
+        } else {
+            let chosen: Vec<_> = chosen.into_iter().map(|(l, q, s, _)| (l, q, s)).collect();
+            Ok((weights::with_int8_weights(typed, &chosen)?, Vec::new()))
+        }
     };
+    let build = |f32_layers: &[usize]| -> Result<TypedModel> { Ok(build_with(f32_layers)?.0) };
     let evaluate = |model: &TypedModel, images: &[Tensor]| -> Result<Vec<Vec<Vec<f32>>>> {
         gate::run_all(&device_plan(model)?, images)
     };
 
     let mut f32_layers: Vec<usize> = Vec::new();
     // The chosen model's plan is kept: the compile's self-check compares against it.
-    let mut model = build(&f32_layers)?;
+    let (mut model, mut computed) = build_with(&f32_layers)?;
     let mut plan = device_plan(&model)?;
     let mut accuracy = refs.compare(&gate::run_all(&plan, &holdout)?, outputs, opts.budget);
     let mut sensitivity: Vec<Option<f64>> = vec![None; layers.len()];
@@ -438,7 +493,7 @@ pub fn quantize(
             if f32_layers.len() == layers.len() {
                 break;
             }
-            model = build(&f32_layers)?;
+            (model, computed) = build_with(&f32_layers)?;
             plan = device_plan(&model)?;
             accuracy = refs.compare(&gate::run_all(&plan, &holdout)?, outputs, opts.budget);
             if accuracy.iter().all(|a| a.passed) {
@@ -455,7 +510,6 @@ pub fn quantize(
         }
     }
 
-    let (scheme, compute, scheme_reason) = scheme_for(board);
     let mut layer_reports = Vec::new();
     let (mut f32_bytes, mut stored_bytes) = (0u64, 0u64);
     for (i, (l, q)) in layers.iter().zip(&quantized).enumerate() {
@@ -465,20 +519,26 @@ pub fn quantize(
             f32_bytes += 4 * elements as u64;
             stored_bytes += elements as u64 + 4 * q.scales.len() as u64;
         }
-        let range = tensors
-            .iter()
-            .position(|t| *t == l.activation)
-            .map(|k| ranges[k].clone())
-            .expect("every layer's activation was measured");
+        let range = range_of(l).clone();
+        let in_int8 = computed.contains(&l.name);
+        let reason = if !int8 {
+            Some("kept in f32 by --mixed-precision (among the most sensitive layers)".into())
+        } else if int8_compute && !in_int8 {
+            Some(format!(
+                "int8 weight, f32 compute: {}",
+                compute::unsupported(typed, l).unwrap_or("its input's range is empty")
+            ))
+        } else {
+            None
+        };
         layer_reports.push(LayerReport {
             name: l.name.clone(),
             op: l.op.into(),
             weight: l.weight_name.clone(),
             shape: l.shape.clone(),
             precision: if int8 { "int8" } else { "f32" }.into(),
-            reason: (!int8).then(|| {
-                "kept in f32 by --mixed-precision (among the most sensitive layers)".into()
-            }),
+            reason,
+            int8_compute: in_int8,
             channel_axis: l.channel_axis,
             weight_scale_min: q.scale_min,
             weight_scale_max: q.scale_max,
@@ -486,6 +546,12 @@ pub fn quantize(
             activation: range,
             sensitivity: sensitivity[i],
         });
+    }
+    if int8_compute {
+        // Written as every graph is: decluttered (the device optimizes it).
+        model = model
+            .into_decluttered()
+            .map_err(tract("declutter the int8-compute graph"))?;
     }
     Ok(Quantized {
         model,

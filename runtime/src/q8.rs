@@ -1,0 +1,865 @@
+//! int8 compute for convolutions: the `neo_q8_conv` operator.
+//!
+//! tract 0.23 runs an int8 ONNX convolution (QLinearConv) as an im2col, an int8 matrix
+//! product and a chain of a dozen unfused element-wise steps for the zero points and the
+//! requantization (`neoc baseline --profile` shows them), which made int8 EfficientNet-Lite0
+//! 24x slower than f32 on AVX2 and still 7-10x on a VNNI Xeon. This operator does the whole
+//! convolution in one node with f32 in and f32 out, so it drops into tract's f32 graph:
+//!
+//! 1. quantize the input with the calibrated per-tensor scale and zero point (uint8),
+//! 2. lay it out as the int8 matrix product wants (im2col, four input values per 32-bit lane,
+//!    padding filled with the zero point),
+//! 3. multiply with the int8 weights (symmetric, per output channel) into i32,
+//! 4. one multiply-add per output back to f32: `acc × (input scale × weight scale) + offset`,
+//!    where the offset holds the bias and the zero point's share (`zp × Σw`).
+//!
+//! Steps 1, 2 and 4 touch each value once; step 3 runs on the CPU's int8 dot product where it
+//! has one: AVX-512 VNNI (`vpdpbusd`, u8 × i8) on x86_64, the Armv8.2 dot product (`sdot`,
+//! i8 × i8: the input is flipped to i8 and the difference taken back through `128 × Σw`) on
+//! aarch64, else portable Rust. All kernels produce the same i32 sums and share step 4, so
+//! the results are bit-identical whichever kernel a device has.
+
+use std::sync::{Arc, OnceLock};
+use tract_nnef::internal::*;
+use tract_nnef::ser::{ints, invocation, numeric};
+
+/// The NNEF primitive's name.
+pub const PRIMITIVE: &str = "neo_q8_conv";
+/// Output channels per micro-tile (weights are packed in blocks of this many).
+const MR: usize = 8;
+/// Output pixels are computed in tiles of this many (the widest kernel's tile).
+const NR_PAD: usize = 32;
+
+/// Which int8 dot-product kernel runs the matrix products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Portable,
+    /// x86_64 AVX-512 VNNI (`vpdpbusd`).
+    Avx512Vnni,
+    /// aarch64 Armv8.2 dot product (`sdot`).
+    NeonDot,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs; `NEO_Q8_KERNEL=portable` forces the portable one.
+    pub fn detect() -> Kernel {
+        static KERNEL: OnceLock<Kernel> = OnceLock::new();
+        *KERNEL.get_or_init(|| {
+            if std::env::var("NEO_Q8_KERNEL").is_ok_and(|k| k == "portable") {
+                return Kernel::Portable;
+            }
+            Kernel::best()
+        })
+    }
+
+    fn best() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni") {
+            return Kernel::Avx512Vnni;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            return Kernel::NeonDot;
+        }
+        Kernel::Portable
+    }
+
+    /// Pixels per tile.
+    fn nr(self) -> usize {
+        match self {
+            Kernel::Portable | Kernel::Avx512Vnni => 32,
+            Kernel::NeonDot => 8,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            Kernel::Avx512Vnni => "avx512-vnni",
+            Kernel::NeonDot => "neon-dotprod",
+        }
+    }
+}
+
+/// A 2-D convolution's shape (NCHW, one group).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Geometry {
+    pub input_channels: usize,
+    pub output_channels: usize,
+    pub kernel: [usize; 2],
+    pub strides: [usize; 2],
+    pub dilations: [usize; 2],
+    /// Zero padding: top, left, bottom, right.
+    pub padding: [usize; 4],
+}
+
+impl Geometry {
+    /// Output height and width for an input of `h` × `w`.
+    pub fn output_hw(&self, h: usize, w: usize) -> TractResult<(usize, usize)> {
+        let mut out = [0; 2];
+        for (axis, size) in [h, w].into_iter().enumerate() {
+            let span = self.dilations[axis] * (self.kernel[axis] - 1) + 1;
+            let padded = size + self.padding[axis] + self.padding[axis + 2];
+            ensure!(
+                padded >= span && self.strides[axis] > 0,
+                "the convolution's window ({span}) is larger than its padded input ({padded})"
+            );
+            out[axis] = (padded - span) / self.strides[axis] + 1;
+        }
+        Ok((out[0], out[1]))
+    }
+
+    /// Rows of the im2col matrix: input values per output value.
+    fn depth(&self) -> usize {
+        self.input_channels * self.kernel[0] * self.kernel[1]
+    }
+}
+
+/// A convolution computed in int8 (see the module's documentation).
+#[derive(Debug, Clone)]
+pub struct Q8Conv {
+    pub geometry: Geometry,
+    /// The input's quantization: `q = round(x / scale) + zero`, clamped to 0..=255.
+    pub input_scale: f32,
+    pub input_zero: u8,
+    /// int8 weights, `[output channels, input channels, kernel h, kernel w]`.
+    pub weights: Arc<Tensor>,
+    /// Per output channel: `weight = int8 × scale`.
+    pub weight_scales: Arc<Tensor>,
+    /// Per output channel, f32.
+    pub bias: Arc<Tensor>,
+    packed: Arc<Packed>,
+}
+
+/// The weights as the kernels read them, and the per-channel output transform.
+#[derive(Debug)]
+struct Packed {
+    /// Blocks of four rows of the im2col matrix.
+    k4: usize,
+    blocks: usize,
+    /// `[block][k4][MR][4]`, zero beyond the real channels and rows.
+    weights: Vec<i8>,
+    /// Σ of each output channel's weights.
+    sums: Vec<i32>,
+    /// `input scale × weight scale`.
+    multiplier: Vec<f32>,
+    /// `bias − multiplier × zero × Σw`.
+    offset: Vec<f32>,
+}
+
+impl PartialEq for Q8Conv {
+    fn eq(&self, other: &Self) -> bool {
+        self.geometry == other.geometry
+            && self.input_scale.to_bits() == other.input_scale.to_bits()
+            && self.input_zero == other.input_zero
+            && self.weights == other.weights
+            && self.weight_scales == other.weight_scales
+            && self.bias == other.bias
+    }
+}
+impl Eq for Q8Conv {}
+
+impl Q8Conv {
+    /// Checks the parts against each other and packs the weights.
+    pub fn new(
+        geometry: Geometry,
+        input_scale: f32,
+        input_zero: u8,
+        weights: Arc<Tensor>,
+        weight_scales: Arc<Tensor>,
+        bias: Arc<Tensor>,
+    ) -> TractResult<Q8Conv> {
+        let g = geometry;
+        ensure!(
+            g.kernel
+                .iter()
+                .chain(&g.strides)
+                .chain(&g.dilations)
+                .all(|v| *v > 0),
+            "kernel, strides and dilations must be positive"
+        );
+        ensure!(
+            input_scale.is_finite() && input_scale > 0.0,
+            "input scale {input_scale} must be positive"
+        );
+        ensure!(
+            weights.datum_type() == i8::datum_type(),
+            "weights must be int8"
+        );
+        ensure!(
+            weights.shape()
+                == [
+                    g.output_channels,
+                    g.input_channels,
+                    g.kernel[0],
+                    g.kernel[1]
+                ],
+            "weights of shape {:?} for a {}→{} {}x{} convolution",
+            weights.shape(),
+            g.input_channels,
+            g.output_channels,
+            g.kernel[0],
+            g.kernel[1]
+        );
+        let scales = weight_scales.to_plain_array_view::<f32>()?;
+        let bias_values = bias.to_plain_array_view::<f32>()?;
+        ensure!(
+            scales.len() == g.output_channels && bias_values.len() == g.output_channels,
+            "one weight scale and one bias per output channel"
+        );
+        let w = weights.to_plain_array_view::<i8>()?;
+        let w = w.as_slice().context("weights are not contiguous")?;
+        let k = g.depth();
+        let k4 = k.div_ceil(4);
+        let blocks = g.output_channels.div_ceil(MR);
+        let mut packed = vec![0i8; blocks * k4 * MR * 4];
+        let mut sums = vec![0i32; g.output_channels];
+        for (co, sum) in sums.iter_mut().enumerate() {
+            let (block, m) = (co / MR, co % MR);
+            for (kk, &v) in w[co * k..(co + 1) * k].iter().enumerate() {
+                packed[((block * k4 + kk / 4) * MR + m) * 4 + kk % 4] = v;
+                *sum += v as i32;
+            }
+        }
+        let mut multiplier = Vec::with_capacity(g.output_channels);
+        let mut offset = Vec::with_capacity(g.output_channels);
+        for ((s, b), sum) in scales.iter().zip(bias_values.iter()).zip(&sums) {
+            let m = input_scale * s;
+            multiplier.push(m);
+            offset.push(b - m * (input_zero as i32 * sum) as f32);
+        }
+        Ok(Q8Conv {
+            geometry,
+            input_scale,
+            input_zero,
+            weights,
+            weight_scales,
+            bias,
+            packed: Arc::new(Packed {
+                k4,
+                blocks,
+                weights: packed,
+                sums,
+                multiplier,
+                offset,
+            }),
+        })
+    }
+
+    /// The convolution of one image: `x` is `[C, H, W]`, `out` `[C', H', W']`.
+    fn run_image(&self, kernel: Kernel, x: &[f32], h: usize, w: usize, out: &mut [f32]) {
+        let g = &self.geometry;
+        let (oh, ow) = self
+            .geometry
+            .output_hw(h, w)
+            .expect("checked by output_facts");
+        let n = oh * ow;
+        let npad = n.div_ceil(NR_PAD) * NR_PAD;
+        let p = &*self.packed;
+        // 1. Quantize.
+        let inv = 1.0 / self.input_scale;
+        let zero = self.input_zero as f32;
+        let q: Vec<u8> = x
+            .iter()
+            .map(|v| (v * inv + zero).round().clamp(0.0, 255.0) as u8)
+            .collect();
+        // 2. im2col, four rows interleaved per 32-bit lane: b[kb][pixel][4].
+        let mut b = vec![self.input_zero; p.k4 * npad * 4];
+        let [kh, kw] = g.kernel;
+        for row in 0..g.depth() {
+            let (ci, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
+            let plane = &q[ci * h * w..(ci + 1) * h * w];
+            let dst = &mut b[(row / 4) * npad * 4 + row % 4..];
+            for oy in 0..oh {
+                let iy = (oy * g.strides[0] + ky * g.dilations[0]) as isize - g.padding[0] as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue; // stays the zero point
+                }
+                let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                for ox in 0..ow {
+                    let ix =
+                        (ox * g.strides[1] + kx * g.dilations[1]) as isize - g.padding[1] as isize;
+                    if ix >= 0 && ix < w as isize {
+                        dst[(oy * ow + ox) * 4] = src[ix as usize];
+                    }
+                }
+            }
+        }
+        // 3 + 4. Tiles of MR channels × nr pixels, then back to f32.
+        let nr = kernel.nr();
+        let mut acc = [0i32; MR * NR_PAD];
+        let flipped = kernel == Kernel::NeonDot;
+        for n0 in (0..npad).step_by(nr) {
+            for block in 0..p.blocks {
+                let wb = &p.weights[block * p.k4 * MR * 4..(block + 1) * p.k4 * MR * 4];
+                let bb = &b[n0 * 4..];
+                tile(kernel, p.k4, wb, bb, npad * 4, &mut acc);
+                for m in 0..MR {
+                    let co = block * MR + m;
+                    if co >= g.output_channels {
+                        break;
+                    }
+                    let (mul, off) = (p.multiplier[co], p.offset[co]);
+                    let fix = if flipped { 128 * p.sums[co] } else { 0 };
+                    let row = &mut out[co * n..(co + 1) * n];
+                    for i in 0..nr.min(n.saturating_sub(n0)) {
+                        row[n0 + i] = (acc[m * nr + i] + fix) as f32 * mul + off;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One tile: `acc[m][i] = Σ_k w[k][m] · b[k][i]` for MR channels and the kernel's pixels.
+#[allow(unsafe_code)]
+fn tile(kernel: Kernel, k4: usize, w: &[i8], b: &[u8], stride: usize, acc: &mut [i32]) {
+    assert!(w.len() >= k4 * MR * 4 && (k4 == 0 || b.len() >= (k4 - 1) * stride + kernel.nr() * 4));
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: chosen only when the CPU has AVX-512F and VNNI; bounds asserted above.
+        Kernel::Avx512Vnni => unsafe { x86::tile_vnni(k4, w.as_ptr(), b.as_ptr(), stride, acc) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: chosen only when the CPU has the dot product; bounds asserted above.
+        Kernel::NeonDot => unsafe { arm::tile_sdot(k4, w.as_ptr(), b.as_ptr(), stride, acc) },
+        _ => tile_portable(k4, w, b, stride, acc),
+    }
+}
+
+fn tile_portable(k4: usize, w: &[i8], b: &[u8], stride: usize, acc: &mut [i32]) {
+    const NR: usize = 32;
+    let acc = &mut acc[..MR * NR];
+    acc.fill(0);
+    for kb in 0..k4 {
+        let row = &b[kb * stride..kb * stride + NR * 4];
+        let wk = &w[kb * MR * 4..(kb + 1) * MR * 4];
+        for (m, wm) in wk.chunks_exact(4).enumerate() {
+            let [w0, w1, w2, w3] = [wm[0] as i32, wm[1] as i32, wm[2] as i32, wm[3] as i32];
+            for (a, px) in acc[m * NR..(m + 1) * NR]
+                .iter_mut()
+                .zip(row.chunks_exact(4))
+            {
+                *a += px[0] as i32 * w0 + px[1] as i32 * w1 + px[2] as i32 * w2 + px[3] as i32 * w3;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    use super::MR;
+    use std::arch::x86_64::*;
+
+    /// 8 channels × 32 pixels: 16 zmm accumulators, `vpdpbusd` (u8 pixels × i8 weights).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX-512 VNNI; `w` must hold `k4 × 32` bytes, `b`
+    /// `(k4 − 1) × stride + 128`, `acc` 256 values.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub unsafe fn tile_vnni(k4: usize, w: *const i8, b: *const u8, stride: usize, acc: &mut [i32]) {
+        let mut c = [[_mm512_setzero_si512(); 2]; MR];
+        for kb in 0..k4 {
+            // SAFETY: within the bounds the caller guarantees.
+            unsafe {
+                let row = b.add(kb * stride);
+                let b0 = _mm512_loadu_si512(row as *const __m512i);
+                let b1 = _mm512_loadu_si512(row.add(64) as *const __m512i);
+                let wk = w.add(kb * MR * 4) as *const i32;
+                for (m, cm) in c.iter_mut().enumerate() {
+                    let wv = _mm512_set1_epi32(wk.add(m).read_unaligned());
+                    cm[0] = _mm512_dpbusd_epi32(cm[0], b0, wv);
+                    cm[1] = _mm512_dpbusd_epi32(cm[1], b1, wv);
+                }
+            }
+        }
+        for (m, cm) in c.iter().enumerate() {
+            // SAFETY: acc holds MR × 32 values.
+            unsafe {
+                _mm512_storeu_si512(acc.as_mut_ptr().add(m * 32) as *mut __m512i, cm[0]);
+                _mm512_storeu_si512(acc.as_mut_ptr().add(m * 32 + 16) as *mut __m512i, cm[1]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+#[allow(unsafe_code)]
+mod arm {
+    use super::MR;
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    /// `acc += b · w[lane]`: four pixels' four int8 values times one channel's four weights.
+    macro_rules! sdot {
+        ($acc:expr, $b:expr, $w:expr, $lane:literal) => {
+            asm!(
+                concat!("sdot {a:v}.4s, {b:v}.16b, {w:v}.4b[", $lane, "]"),
+                a = inout(vreg) $acc,
+                b = in(vreg) $b,
+                w = in(vreg) $w,
+                options(pure, nomem, nostack)
+            )
+        };
+    }
+
+    /// 8 channels × 8 pixels: 16 accumulators, `sdot` (pixels flipped to i8 by − 128: the
+    /// caller adds `128 × Σw` back).
+    ///
+    /// # Safety
+    /// The CPU must have the dot-product extension; `w` must hold `k4 × 32` bytes, `b`
+    /// `(k4 − 1) × stride + 32`, `acc` 64 values.
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn tile_sdot(k4: usize, w: *const i8, b: *const u8, stride: usize, acc: &mut [i32]) {
+        let flip = vdupq_n_u8(0x80);
+        let mut c = [[vdupq_n_s32(0); 2]; MR];
+        for kb in 0..k4 {
+            // SAFETY: within the bounds the caller guarantees.
+            unsafe {
+                let row = b.add(kb * stride);
+                let b0 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(row), flip));
+                let b1 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(row.add(16)), flip));
+                let w0 = vld1q_s8(w.add(kb * MR * 4));
+                let w1 = vld1q_s8(w.add(kb * MR * 4 + 16));
+                sdot!(c[0][0], b0, w0, "0");
+                sdot!(c[0][1], b1, w0, "0");
+                sdot!(c[1][0], b0, w0, "1");
+                sdot!(c[1][1], b1, w0, "1");
+                sdot!(c[2][0], b0, w0, "2");
+                sdot!(c[2][1], b1, w0, "2");
+                sdot!(c[3][0], b0, w0, "3");
+                sdot!(c[3][1], b1, w0, "3");
+                sdot!(c[4][0], b0, w1, "0");
+                sdot!(c[4][1], b1, w1, "0");
+                sdot!(c[5][0], b0, w1, "1");
+                sdot!(c[5][1], b1, w1, "1");
+                sdot!(c[6][0], b0, w1, "2");
+                sdot!(c[6][1], b1, w1, "2");
+                sdot!(c[7][0], b0, w1, "3");
+                sdot!(c[7][1], b1, w1, "3");
+            }
+        }
+        for (m, cm) in c.iter().enumerate() {
+            // SAFETY: acc holds MR × 8 values.
+            unsafe {
+                vst1q_s32(acc.as_mut_ptr().add(m * 8), cm[0]);
+                vst1q_s32(acc.as_mut_ptr().add(m * 8 + 4), cm[1]);
+            }
+        }
+    }
+}
+
+impl Op for Q8Conv {
+    fn name(&self) -> StaticName {
+        "Q8Conv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let g = &self.geometry;
+        Ok(vec![format!(
+            "{}→{} {}x{} stride {:?} dilation {:?} padding {:?}, input scale {} zero {}, {} kernel",
+            g.input_channels,
+            g.output_channels,
+            g.kernel[0],
+            g.kernel[1],
+            g.strides,
+            g.dilations,
+            g.padding,
+            self.input_scale,
+            self.input_zero,
+            Kernel::detect().name()
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Q8Conv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let x = input.to_plain_array_view::<f32>()?;
+        ensure!(
+            x.ndim() == 4,
+            "Q8Conv takes NCHW input, got shape {:?}",
+            x.shape()
+        );
+        let (batch, h, w) = (x.shape()[0], x.shape()[2], x.shape()[3]);
+        let g = &self.geometry;
+        ensure!(
+            x.shape()[1] == g.input_channels,
+            "Q8Conv: {} input channels, expected {}",
+            x.shape()[1],
+            g.input_channels
+        );
+        let (oh, ow) = g.output_hw(h, w)?;
+        let x = x.as_standard_layout();
+        let x = x.as_slice().context("input is not contiguous")?;
+        let kernel = Kernel::detect();
+        let (per_in, per_out) = (g.input_channels * h * w, g.output_channels * oh * ow);
+        let mut out = vec![0f32; batch * per_out];
+        for (image, dst) in x.chunks_exact(per_in).zip(out.chunks_exact_mut(per_out)) {
+            self.run_image(kernel, image, h, w, dst);
+        }
+        let out = Tensor::from_shape(&[batch, g.output_channels, oh, ow], &out)?;
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for Q8Conv {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let fact = inputs[0];
+        ensure!(
+            fact.datum_type == f32::datum_type(),
+            "Q8Conv takes f32 input"
+        );
+        ensure!(fact.rank() == 4, "Q8Conv takes NCHW input");
+        ensure!(
+            fact.shape[1] == self.geometry.input_channels.to_dim(),
+            "Q8Conv: input has {} channels, expected {}",
+            fact.shape[1],
+            self.geometry.input_channels
+        );
+        let (h, w) = (fact.shape[2].to_usize()?, fact.shape[3].to_usize()?);
+        let (oh, ow) = self.geometry.output_hw(h, w)?;
+        let shape = [
+            fact.shape[0].clone(),
+            self.geometry.output_channels.to_dim(),
+            oh.into(),
+            ow.into(),
+        ];
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let out = self.output_facts(inputs)?;
+        let macs = out[0].shape.iter().product::<TDim>() * self.geometry.depth();
+        Ok(tvec!((Cost::FMA(i8::datum_type()), macs)))
+    }
+}
+
+/// NNEF parameters of `neo_q8_conv`.
+fn parameters() -> Vec<Parameter> {
+    vec![
+        TypeName::Scalar.tensor().named("input"),
+        TypeName::Integer.tensor().named("weights"),
+        TypeName::Scalar.tensor().named("weight_scales"),
+        TypeName::Scalar.tensor().named("bias"),
+        TypeName::Integer.array().named("kernel"),
+        TypeName::Integer.array().named("strides"),
+        TypeName::Integer.array().named("dilations"),
+        TypeName::Integer.array().named("padding"),
+        TypeName::Scalar.named("input_scale"),
+        TypeName::Integer.named("input_zero"),
+    ]
+}
+
+fn dump(ast: &mut IntoAst, node: &TypedNode, op: &Q8Conv) -> TractResult<Option<Arc<RValue>>> {
+    let input = ast.mapping[&node.inputs[0]].clone();
+    let weights = ast.konst_variable(format!("{}.weights", node.name), &op.weights)?;
+    let scales = ast.konst_variable(format!("{}.weight_scales", node.name), &op.weight_scales)?;
+    let bias = ast.konst_variable(format!("{}.bias", node.name), &op.bias)?;
+    let g = &op.geometry;
+    Ok(Some(invocation(
+        PRIMITIVE,
+        &[input, weights, scales, bias],
+        &[
+            ("kernel", ints(&g.kernel)),
+            ("strides", ints(&g.strides)),
+            ("dilations", ints(&g.dilations)),
+            ("padding", ints(&g.padding)),
+            ("input_scale", numeric(op.input_scale)),
+            ("input_zero", numeric(op.input_zero)),
+        ],
+    )))
+}
+
+fn load(builder: &mut ModelBuilder, invocation: &ResolvedInvocation) -> TractResult<Value> {
+    let input: OutletId = invocation.named_arg_as(builder, "input")?;
+    let weights: Arc<Tensor> = invocation.named_arg_as(builder, "weights")?;
+    let weight_scales: Arc<Tensor> = invocation.named_arg_as(builder, "weight_scales")?;
+    let bias: Arc<Tensor> = invocation.named_arg_as(builder, "bias")?;
+    let pair = |name: &str, v: TVec<usize>| -> TractResult<[usize; 2]> {
+        ensure!(
+            v.len() == 2,
+            "neo_q8_conv: {name} needs 2 values, got {v:?}"
+        );
+        Ok([v[0], v[1]])
+    };
+    let kernel = pair("kernel", invocation.named_arg_as(builder, "kernel")?)?;
+    let strides = pair("strides", invocation.named_arg_as(builder, "strides")?)?;
+    let dilations = pair("dilations", invocation.named_arg_as(builder, "dilations")?)?;
+    let padding: TVec<usize> = invocation.named_arg_as(builder, "padding")?;
+    ensure!(
+        padding.len() == 4,
+        "neo_q8_conv: padding needs 4 values, got {padding:?}"
+    );
+    let input_scale: f32 = invocation.named_arg_as(builder, "input_scale")?;
+    let input_zero: i64 = invocation.named_arg_as(builder, "input_zero")?;
+    let input_zero = u8::try_from(input_zero)
+        .map_err(|_| format_err!("neo_q8_conv: input_zero {input_zero} is not in 0..=255"))?;
+    let shape = weights.shape().to_vec();
+    ensure!(
+        shape.len() == 4,
+        "neo_q8_conv: weights must be OIHW, got shape {shape:?}"
+    );
+    let geometry = Geometry {
+        input_channels: shape[1],
+        output_channels: shape[0],
+        kernel,
+        strides,
+        dilations,
+        padding: [padding[0], padding[1], padding[2], padding[3]],
+    };
+    ensure!(
+        kernel == [shape[2], shape[3]],
+        "neo_q8_conv: kernel {kernel:?} vs weights {shape:?}"
+    );
+    let op = Q8Conv::new(
+        geometry,
+        input_scale,
+        input_zero,
+        weights,
+        weight_scales,
+        bias,
+    )?;
+    builder.wire(op, &[input])
+}
+
+/// neo's NNEF operators (today `neo_q8_conv`).
+pub fn registry() -> Registry {
+    let mut registry = Registry::new("neo")
+        .with_doc("neo's operators: int8 convolution with f32 input and output (neo_q8_conv).");
+    registry.register_dumper(dump);
+    registry.register_primitive(
+        PRIMITIVE,
+        &parameters(),
+        &[("output", TypeName::Scalar.tensor())],
+        load,
+    );
+    registry
+}
+
+/// The NNEF framework artifacts are read and written with: tract's core operators, the ONNX
+/// extensions, and neo's.
+pub fn nnef() -> tract_nnef::framework::Nnef {
+    use tract_onnx_opl::WithOnnx;
+    tract_nnef::nnef().with_onnx().with_registry(registry())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reference convolution on the dequantized values, in f64.
+    fn reference(op: &Q8Conv, x: &[f32], h: usize, w: usize) -> Vec<f32> {
+        let g = &op.geometry;
+        let (oh, ow) = g.output_hw(h, w).unwrap();
+        let wq = op.weights.to_plain_array_view::<i8>().unwrap();
+        let ws = op.weight_scales.to_plain_array_view::<f32>().unwrap();
+        let bias = op.bias.to_plain_array_view::<f32>().unwrap();
+        let q = |v: f32| {
+            ((v / op.input_scale + op.input_zero as f32)
+                .round()
+                .clamp(0.0, 255.0) as f64
+                - op.input_zero as f64)
+                * op.input_scale as f64
+        };
+        let mut out = vec![0f32; g.output_channels * oh * ow];
+        for co in 0..g.output_channels {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut s = bias[co] as f64;
+                    for ci in 0..g.input_channels {
+                        for ky in 0..g.kernel[0] {
+                            for kx in 0..g.kernel[1] {
+                                let iy = (oy * g.strides[0] + ky * g.dilations[0]) as isize
+                                    - g.padding[0] as isize;
+                                let ix = (ox * g.strides[1] + kx * g.dilations[1]) as isize
+                                    - g.padding[1] as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                let v = x[(ci * h + iy as usize) * w + ix as usize];
+                                s += q(v) * wq[[co, ci, ky, kx]] as f64 * ws[co] as f64;
+                            }
+                        }
+                    }
+                    out[(co * oh + oy) * ow + ox] = s as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    }
+
+    fn conv(g: Geometry, zero: u8, seed: u64) -> Q8Conv {
+        let mut s = seed;
+        let n = g.output_channels * g.input_channels * g.kernel[0] * g.kernel[1];
+        let w: Vec<i8> = (0..n)
+            .map(|_| (lcg(&mut s) * 127.0).round() as i8)
+            .collect();
+        let weights = Tensor::from_shape(
+            &[
+                g.output_channels,
+                g.input_channels,
+                g.kernel[0],
+                g.kernel[1],
+            ],
+            &w,
+        )
+        .unwrap();
+        let scales: Vec<f32> = (0..g.output_channels)
+            .map(|_| 0.01 + lcg(&mut s).abs() * 0.02)
+            .collect();
+        let bias: Vec<f32> = (0..g.output_channels).map(|_| lcg(&mut s)).collect();
+        Q8Conv::new(
+            g,
+            0.02,
+            zero,
+            weights.into_arc_tensor(),
+            tensor1(&scales).into_arc_tensor(),
+            tensor1(&bias).into_arc_tensor(),
+        )
+        .unwrap()
+    }
+
+    fn geometries() -> Vec<Geometry> {
+        let g = |cin, cout, k: usize, s: usize, d: usize, pad: [usize; 4]| Geometry {
+            input_channels: cin,
+            output_channels: cout,
+            kernel: [k, k],
+            strides: [s, s],
+            dilations: [d, d],
+            padding: pad,
+        };
+        vec![
+            g(16, 24, 1, 1, 1, [0; 4]),      // pointwise, channels not a multiple of 8
+            g(3, 10, 3, 2, 1, [0, 0, 1, 1]), // a stem: 27 rows (not a multiple of 4), odd padding
+            g(13, 9, 3, 1, 1, [1; 4]),       // padded 3x3
+            g(5, 7, 3, 1, 2, [2; 4]),        // dilated
+        ]
+    }
+
+    #[test]
+    fn int8_convolution_matches_the_dequantized_reference() {
+        for (i, g) in geometries().into_iter().enumerate() {
+            for zero in [0u8, 128] {
+                let op = conv(g, zero, i as u64 + 7);
+                let (h, w) = (11, 9);
+                let mut s = 99 + i as u64;
+                // Values past the quantization range too: they must clamp, not wrap.
+                let x: Vec<f32> = (0..g.input_channels * h * w)
+                    .map(|_| lcg(&mut s) * 3.0)
+                    .collect();
+                let expected = reference(&op, &x, h, w);
+                let (oh, ow) = g.output_hw(h, w).unwrap();
+                let mut out = vec![0f32; g.output_channels * oh * ow];
+                for kernel in [Kernel::Portable, Kernel::detect()] {
+                    op.run_image(kernel, &x, h, w, &mut out);
+                    for (a, b) in out.iter().zip(&expected) {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "{g:?} zero {zero} kernel {kernel:?}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn squeezenet_sized_layers_match_the_reference() {
+        let g = |cin, cout, k: usize, pad: usize| Geometry {
+            input_channels: cin,
+            output_channels: cout,
+            kernel: [k, k],
+            strides: [1, 1],
+            dilations: [1, 1],
+            padding: [pad; 4],
+        };
+        for (i, g) in [g(64, 16, 1, 0), g(16, 64, 3, 1)].into_iter().enumerate() {
+            let op = conv(g, 0, 40 + i as u64);
+            let (h, w) = (55, 55);
+            let mut s = 7;
+            let x: Vec<f32> = (0..g.input_channels * h * w)
+                .map(|_| lcg(&mut s).abs() * 4.0)
+                .collect();
+            let expected = reference(&op, &x, h, w);
+            let mut out = vec![0f32; expected.len()];
+            op.run_image(Kernel::detect(), &x, h, w, &mut out);
+            for (j, (a, b)) in out.iter().zip(&expected).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{g:?} at {j}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_agree_bit_for_bit() {
+        // What the device runs is what the compiler's gate measured, whichever kernel it has.
+        let g = geometries()[2];
+        let op = conv(g, 128, 3);
+        let (h, w) = (17, 23);
+        let mut s = 5;
+        let x: Vec<f32> = (0..g.input_channels * h * w).map(|_| lcg(&mut s)).collect();
+        let (oh, ow) = g.output_hw(h, w).unwrap();
+        let mut a = vec![0f32; g.output_channels * oh * ow];
+        let mut b = a.clone();
+        op.run_image(Kernel::Portable, &x, h, w, &mut a);
+        op.run_image(Kernel::detect(), &x, h, w, &mut b);
+        assert_eq!(
+            a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{:?} differs from portable",
+            Kernel::detect()
+        );
+    }
+
+    #[test]
+    fn writes_to_nnef_and_reads_back() {
+        let g = geometries()[1];
+        let op = conv(g, 0, 11);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, 3, 12, 10])).unwrap();
+        let y = model.wire_node("conv", op.clone(), &[x]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let nnef = nnef();
+        let mut tar = Vec::new();
+        nnef.write_to_tar(&model, &mut tar).unwrap();
+        let back = nnef
+            .model_for_read(&mut std::io::Cursor::new(&tar))
+            .unwrap();
+        let read = back
+            .nodes()
+            .iter()
+            .find_map(|n| n.op_as::<Q8Conv>())
+            .expect("the operator survives the round trip");
+        assert_eq!(read, &op);
+        let mut s = 1;
+        let input: Vec<f32> = (0..3 * 12 * 10).map(|_| lcg(&mut s)).collect();
+        let input = Tensor::from_shape(&[1, 3, 12, 10], &input).unwrap();
+        let run = |m: TypedModel| {
+            m.into_optimized()
+                .unwrap()
+                .into_runnable()
+                .unwrap()
+                .run(tvec!(input.clone().into()))
+                .unwrap()
+        };
+        let (a, b) = (run(model), run(back));
+        assert_eq!(a[0].shape(), [1, 10, 6, 5]);
+        assert_eq!(*a[0], *b[0]);
+    }
+}
