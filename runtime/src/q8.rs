@@ -29,6 +29,8 @@ pub const PRIMITIVE: &str = "neo_q8_conv";
 const MR: usize = 8;
 /// Output pixels are computed in tiles of this many (the widest kernel's tile).
 const NR_PAD: usize = 32;
+/// Depthwise outputs are summed this many columns at a time.
+const DW_BLOCK: usize = 16;
 
 /// Which int8 dot-product kernel runs the matrix products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,11 +83,13 @@ impl Kernel {
     }
 }
 
-/// A 2-D convolution's shape (NCHW, one group).
+/// A 2-D convolution's shape (NCHW): one group, or depthwise (one group per channel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Geometry {
     pub input_channels: usize,
     pub output_channels: usize,
+    /// 1, or the number of channels (depthwise: input channels = output channels).
+    pub group: usize,
     pub kernel: [usize; 2],
     pub strides: [usize; 2],
     pub dilations: [usize; 2],
@@ -109,9 +113,13 @@ impl Geometry {
         Ok((out[0], out[1]))
     }
 
-    /// Rows of the im2col matrix: input values per output value.
+    /// Input values per output value (the im2col matrix's rows for one group).
     fn depth(&self) -> usize {
-        self.input_channels * self.kernel[0] * self.kernel[1]
+        self.input_channels / self.group * self.kernel[0] * self.kernel[1]
+    }
+
+    fn depthwise(&self) -> bool {
+        self.group > 1
     }
 }
 
@@ -187,10 +195,17 @@ impl Q8Conv {
             "weights must be int8"
         );
         ensure!(
+            g.group == 1 || (g.group == g.input_channels && g.group == g.output_channels),
+            "only plain (group 1) and depthwise convolutions, not {} groups of {}→{}",
+            g.group,
+            g.input_channels,
+            g.output_channels
+        );
+        ensure!(
             weights.shape()
                 == [
                     g.output_channels,
-                    g.input_channels,
+                    g.input_channels / g.group,
                     g.kernel[0],
                     g.kernel[1]
                 ],
@@ -210,17 +225,25 @@ impl Q8Conv {
         let w = weights.to_plain_array_view::<i8>()?;
         let w = w.as_slice().context("weights are not contiguous")?;
         let k = g.depth();
-        let k4 = k.div_ceil(4);
-        let blocks = g.output_channels.div_ceil(MR);
-        let mut packed = vec![0i8; blocks * k4 * MR * 4];
-        let mut sums = vec![0i32; g.output_channels];
-        for (co, sum) in sums.iter_mut().enumerate() {
-            let (block, m) = (co / MR, co % MR);
-            for (kk, &v) in w[co * k..(co + 1) * k].iter().enumerate() {
-                packed[((block * k4 + kk / 4) * MR + m) * 4 + kk % 4] = v;
-                *sum += v as i32;
+        let sums: Vec<i32> = w
+            .chunks_exact(k)
+            .map(|c| c.iter().map(|v| *v as i32).sum())
+            .collect();
+        // Depthwise: the taps as they are. Otherwise blocks of MR channels × 4 rows.
+        let (k4, blocks, packed) = if g.depthwise() {
+            (0, 0, w.to_vec())
+        } else {
+            let k4 = k.div_ceil(4);
+            let blocks = g.output_channels.div_ceil(MR);
+            let mut packed = vec![0i8; blocks * k4 * MR * 4];
+            for (co, row) in w.chunks_exact(k).enumerate() {
+                let (block, m) = (co / MR, co % MR);
+                for (kk, &v) in row.iter().enumerate() {
+                    packed[((block * k4 + kk / 4) * MR + m) * 4 + kk % 4] = v;
+                }
             }
-        }
+            (k4, blocks, packed)
+        };
         let mut multiplier = Vec::with_capacity(g.output_channels);
         let mut offset = Vec::with_capacity(g.output_channels);
         for ((s, b), sum) in scales.iter().zip(bias_values.iter()).zip(&sums) {
@@ -292,6 +315,9 @@ impl Q8Conv {
         let zero = self.input_zero as f32;
         let mut q = vec![0u8; x.len()];
         quantize(kernel, x, inv, zero, &mut q);
+        if g.depthwise() {
+            return self.depthwise_image(kernel, &q, h, w, out);
+        }
         // 2. im2col, four rows interleaved per 32-bit lane: b[kb][pixel][4].
         let mut b = vec![self.input_zero; p.k4 * npad * 4];
         let [kh, kw] = g.kernel;
@@ -365,6 +391,95 @@ impl Q8Conv {
     }
 }
 
+impl Q8Conv {
+    /// A depthwise convolution of one quantized image: per channel, the zero-padded plane
+    /// (split into `stride` column phases so every tap reads contiguous values), then each
+    /// output row as i32 sums over the taps, vectorized along the row.
+    #[inline(always)]
+    fn depthwise_image(&self, kernel: Kernel, q: &[u8], h: usize, w: usize, out: &mut [f32]) {
+        let g = &self.geometry;
+        let p = &*self.packed;
+        let (oh, ow) = g.output_hw(h, w).expect("checked by output_facts");
+        let [kh, kw] = g.kernel;
+        let [sy, sx] = g.strides;
+        let [dy, dx] = g.dilations;
+        let (top, left) = (g.padding[0], g.padding[1]);
+        let (ph, pw) = (h + top + g.padding[2], w + left + g.padding[3]);
+        let phase_w = pw.div_ceil(sx);
+        // Only the interior is rewritten per channel: the border stays the zero point.
+        let mut phases = vec![self.input_zero; sx * ph * phase_w + DW_BLOCK];
+        // Where each tap's values start in `phases`, relative to an output's (row, column).
+        let offsets: Vec<usize> = (0..kh * kw)
+            .map(|t| {
+                let (ky, kx) = (t / kw, t % kw);
+                ((kx * dx % sx) * ph + ky * dy) * phase_w + kx * dx / sx
+            })
+            .collect();
+        for c in 0..g.output_channels {
+            let plane = &q[c * h * w..(c + 1) * h * w];
+            for (y, row) in plane.chunks_exact(w).enumerate() {
+                for phase in 0..sx {
+                    // Padded columns px ≡ phase (mod sx) go to phase `phase`, column px / sx.
+                    let first = (phase + sx - left % sx) % sx; // first x with (x + left) % sx == phase
+                    if first >= w {
+                        continue;
+                    }
+                    let start = (phase * ph + y + top) * phase_w + (first + left) / sx;
+                    let dst = &mut phases[start..];
+                    for (d, v) in dst.iter_mut().zip(row[first..].iter().step_by(sx)) {
+                        *d = *v;
+                    }
+                }
+            }
+            let taps: Vec<i32> = p.weights[c * kh * kw..(c + 1) * kh * kw]
+                .iter()
+                .map(|t| *t as i32)
+                .collect();
+            let (mul, off) = (p.multiplier[c], p.offset[c]);
+            let dst = &mut out[c * oh * ow..(c + 1) * oh * ow];
+            for (oy, out_row) in dst.chunks_exact_mut(ow).enumerate() {
+                // Blocks of 16 columns summed in registers over all taps. The last block may
+                // read past the row into the slack: those sums are not stored.
+                for x0 in (0..ow).step_by(DW_BLOCK) {
+                    let base = oy * sy * phase_w + x0;
+                    let acc = dw_block(kernel, &phases, base, &offsets, &taps);
+                    let n = (ow - x0).min(DW_BLOCK);
+                    for (o, a) in out_row[x0..x0 + n].iter_mut().zip(&acc) {
+                        *o = *a as f32 * mul + off;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One depthwise block: `acc[i] = Σ_t taps[t] · phases[base + offsets[t] + i]`, 16 columns.
+#[allow(unsafe_code)]
+#[inline(always)]
+fn dw_block(
+    kernel: Kernel,
+    phases: &[u8],
+    base: usize,
+    offsets: &[usize],
+    taps: &[i32],
+) -> [i32; DW_BLOCK] {
+    let last = offsets.iter().max().map_or(0, |o| base + o + DW_BLOCK);
+    assert!(last <= phases.len() && offsets.len() == taps.len());
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512Vnni {
+        // SAFETY: AVX-512F with the VNNI kernel; every read is below `last`, checked above.
+        return unsafe { x86::dw_block(phases.as_ptr(), base, offsets, taps) };
+    }
+    let _ = kernel;
+    let mut acc = [0i32; DW_BLOCK];
+    for (o, t) in offsets.iter().zip(taps) {
+        for (a, v) in acc.iter_mut().zip(&phases[base + o..base + o + DW_BLOCK]) {
+            *a += t * *v as i32;
+        }
+    }
+    acc
+}
+
 /// `q = round_half_even(clamp(x × inv + zero, 0, 255))`, per value.
 #[allow(unsafe_code)]
 fn quantize(kernel: Kernel, x: &[f32], inv: f32, zero: f32, q: &mut [u8]) {
@@ -426,6 +541,31 @@ fn tile_portable(k4: usize, w: &[i8], b: &[u8], stride: usize, acc: &mut [i32]) 
 mod x86 {
     use super::MR;
     use std::arch::x86_64::*;
+
+    /// [`super::dw_block`]: the 16 sums in one register.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `phases` must be readable for 16 bytes at every
+    /// `base + offset`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dw_block(
+        phases: *const u8,
+        base: usize,
+        offsets: &[usize],
+        taps: &[i32],
+    ) -> [i32; super::DW_BLOCK] {
+        let mut acc = _mm512_setzero_si512();
+        for (o, t) in offsets.iter().zip(taps) {
+            // SAFETY: within the bounds the caller guarantees.
+            let v = unsafe { _mm_loadu_si128(phases.add(base + o) as *const __m128i) };
+            let v = _mm512_cvtepu8_epi32(v);
+            acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(v, _mm512_set1_epi32(*t)));
+        }
+        let mut out = [0i32; super::DW_BLOCK];
+        // SAFETY: out holds 16 values.
+        unsafe { _mm512_storeu_si512(out.as_mut_ptr() as *mut __m512i, acc) };
+        out
+    }
 
     /// [`super::quantize_portable`] 16 values at a time: the same multiply, add and clamp,
     /// then the conversion's round-to-nearest-even (the default rounding mode).
@@ -655,6 +795,7 @@ fn parameters() -> Vec<Parameter> {
         TypeName::Integer.array().named("padding"),
         TypeName::Scalar.named("input_scale"),
         TypeName::Integer.named("input_zero"),
+        TypeName::Integer.named("group").default(1),
     ]
 }
 
@@ -674,6 +815,7 @@ fn dump(ast: &mut IntoAst, node: &TypedNode, op: &Q8Conv) -> TractResult<Option<
             ("padding", ints(&g.padding)),
             ("input_scale", numeric(op.input_scale)),
             ("input_zero", numeric(op.input_zero)),
+            ("group", numeric(g.group)),
         ],
     )))
 }
@@ -707,9 +849,15 @@ fn load(builder: &mut ModelBuilder, invocation: &ResolvedInvocation) -> TractRes
         shape.len() == 4,
         "neo_q8_conv: weights must be OIHW, got shape {shape:?}"
     );
+    let group: i64 = invocation.named_arg_as(builder, "group")?;
+    let group = usize::try_from(group)
+        .ok()
+        .filter(|g| *g > 0)
+        .ok_or_else(|| format_err!("neo_q8_conv: group {group} must be positive"))?;
     let geometry = Geometry {
-        input_channels: shape[1],
+        input_channels: shape[1] * group,
         output_channels: shape[0],
+        group,
         kernel,
         strides,
         dilations,
@@ -775,7 +923,9 @@ mod tests {
             for oy in 0..oh {
                 for ox in 0..ow {
                     let mut s = bias[co] as f64;
-                    for ci in 0..g.input_channels {
+                    let per_group = g.input_channels / g.group;
+                    let first = co / (g.output_channels / g.group) * per_group;
+                    for (cw, ci) in (first..first + per_group).enumerate() {
                         for ky in 0..g.kernel[0] {
                             for kx in 0..g.kernel[1] {
                                 let iy = (oy * g.strides[0] + ky * g.dilations[0]) as isize
@@ -786,7 +936,7 @@ mod tests {
                                     continue;
                                 }
                                 let v = x[(ci * h + iy as usize) * w + ix as usize];
-                                s += q(v) * wq[[co, ci, ky, kx]] as f64 * ws[co] as f64;
+                                s += q(v) * wq[[co, cw, ky, kx]] as f64 * ws[co] as f64;
                             }
                         }
                     }
@@ -806,14 +956,14 @@ mod tests {
 
     fn conv(g: Geometry, zero: u8, seed: u64) -> Q8Conv {
         let mut s = seed;
-        let n = g.output_channels * g.input_channels * g.kernel[0] * g.kernel[1];
+        let n = g.output_channels * g.input_channels / g.group * g.kernel[0] * g.kernel[1];
         let w: Vec<i8> = (0..n)
             .map(|_| (lcg(&mut s) * 127.0).round() as i8)
             .collect();
         let weights = Tensor::from_shape(
             &[
                 g.output_channels,
-                g.input_channels,
+                g.input_channels / g.group,
                 g.kernel[0],
                 g.kernel[1],
             ],
@@ -839,6 +989,7 @@ mod tests {
         let g = |cin, cout, k: usize, s: usize, d: usize, pad: [usize; 4]| Geometry {
             input_channels: cin,
             output_channels: cout,
+            group: 1,
             kernel: [k, k],
             strides: [s, s],
             dilations: [d, d],
@@ -849,7 +1000,23 @@ mod tests {
             g(3, 10, 3, 2, 1, [0, 0, 1, 1]), // a stem: 27 rows (not a multiple of 4), odd padding
             g(13, 9, 3, 1, 1, [1; 4]),       // padded 3x3
             g(5, 7, 3, 1, 2, [2; 4]),        // dilated
+            depthwise(8, 3, 1, 1, [1; 4]),
+            depthwise(6, 3, 2, 1, [0, 0, 1, 1]), // EfficientNet's stride-2 padding
+            depthwise(5, 5, 2, 1, [2; 4]),
+            depthwise(4, 3, 1, 2, [2, 1, 2, 1]), // dilated, uneven padding
         ]
+    }
+
+    fn depthwise(c: usize, k: usize, s: usize, d: usize, pad: [usize; 4]) -> Geometry {
+        Geometry {
+            input_channels: c,
+            output_channels: c,
+            group: c,
+            kernel: [k, k],
+            strides: [s, s],
+            dilations: [d, d],
+            padding: pad,
+        }
     }
 
     #[test]
@@ -884,6 +1051,7 @@ mod tests {
         let g = |cin, cout, k: usize, pad: usize| Geometry {
             input_channels: cin,
             output_channels: cout,
+            group: 1,
             kernel: [k, k],
             strides: [1, 1],
             dilations: [1, 1],
@@ -911,22 +1079,23 @@ mod tests {
     #[test]
     fn kernels_agree_bit_for_bit() {
         // What the device runs is what the compiler's gate measured, whichever kernel it has.
-        let g = geometries()[2];
-        let op = conv(g, 128, 3);
-        let (h, w) = (17, 23);
-        let mut s = 5;
-        let x: Vec<f32> = (0..g.input_channels * h * w).map(|_| lcg(&mut s)).collect();
-        let (oh, ow) = g.output_hw(h, w).unwrap();
-        let mut a = vec![0f32; g.output_channels * oh * ow];
-        let mut b = a.clone();
-        op.run_image(Kernel::Portable, &x, h, w, &mut a);
-        op.run_image(Kernel::detect(), &x, h, w, &mut b);
-        assert_eq!(
-            a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            "{:?} differs from portable",
-            Kernel::detect()
-        );
+        for g in [geometries()[2], geometries()[5]] {
+            let op = conv(g, 128, 3);
+            let (h, w) = (17, 23);
+            let mut s = 5;
+            let x: Vec<f32> = (0..g.input_channels * h * w).map(|_| lcg(&mut s)).collect();
+            let (oh, ow) = g.output_hw(h, w).unwrap();
+            let mut a = vec![0f32; g.output_channels * oh * ow];
+            let mut b = a.clone();
+            op.run_image(Kernel::Portable, &x, h, w, &mut a);
+            op.run_image(Kernel::detect(), &x, h, w, &mut b);
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{:?} differs from portable on {g:?}",
+                Kernel::detect()
+            );
+        }
     }
 
     #[test]
@@ -971,37 +1140,43 @@ mod tests {
 
     #[test]
     fn writes_to_nnef_and_reads_back() {
-        let g = geometries()[1];
-        let op = conv(g, 0, 11);
-        let mut model = TypedModel::default();
-        let x = model.add_source("x", f32::fact([1, 3, 12, 10])).unwrap();
-        let y = model.wire_node("conv", op.clone(), &[x]).unwrap();
-        model.select_output_outlets(&y).unwrap();
-        let nnef = nnef();
-        let mut tar = Vec::new();
-        nnef.write_to_tar(&model, &mut tar).unwrap();
-        let back = nnef
-            .model_for_read(&mut std::io::Cursor::new(&tar))
-            .unwrap();
-        let read = back
-            .nodes()
-            .iter()
-            .find_map(|n| n.op_as::<Q8Conv>())
-            .expect("the operator survives the round trip");
-        assert_eq!(read, &op);
-        let mut s = 1;
-        let input: Vec<f32> = (0..3 * 12 * 10).map(|_| lcg(&mut s)).collect();
-        let input = Tensor::from_shape(&[1, 3, 12, 10], &input).unwrap();
-        let run = |m: TypedModel| {
-            m.into_optimized()
-                .unwrap()
-                .into_runnable()
-                .unwrap()
-                .run(tvec!(input.clone().into()))
-                .unwrap()
-        };
-        let (a, b) = (run(model), run(back));
-        assert_eq!(a[0].shape(), [1, 10, 6, 5]);
-        assert_eq!(*a[0], *b[0]);
+        // A plain convolution (stride 2, odd padding) and a depthwise one.
+        for (g, out_shape) in [
+            (geometries()[1], [1, 10, 6, 5]),
+            (geometries()[5], [1, 6, 6, 5]),
+        ] {
+            let op = conv(g, 0, 11);
+            let c = g.input_channels;
+            let mut model = TypedModel::default();
+            let x = model.add_source("x", f32::fact([1, c, 12, 10])).unwrap();
+            let y = model.wire_node("conv", op.clone(), &[x]).unwrap();
+            model.select_output_outlets(&y).unwrap();
+            let nnef = nnef();
+            let mut tar = Vec::new();
+            nnef.write_to_tar(&model, &mut tar).unwrap();
+            let back = nnef
+                .model_for_read(&mut std::io::Cursor::new(&tar))
+                .unwrap();
+            let read = back
+                .nodes()
+                .iter()
+                .find_map(|n| n.op_as::<Q8Conv>())
+                .expect("the operator survives the round trip");
+            assert_eq!(read, &op);
+            let mut s = 1;
+            let input: Vec<f32> = (0..c * 12 * 10).map(|_| lcg(&mut s)).collect();
+            let input = Tensor::from_shape(&[1, c, 12, 10], &input).unwrap();
+            let run = |m: TypedModel| {
+                m.into_optimized()
+                    .unwrap()
+                    .into_runnable()
+                    .unwrap()
+                    .run(tvec!(input.clone().into()))
+                    .unwrap()
+            };
+            let (a, b) = (run(model), run(back));
+            assert_eq!(a[0].shape(), out_shape);
+            assert_eq!(*a[0], *b[0]);
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The int8-compute scheme: convolutions become `neo_q8_conv` nodes
 //! ([`neo_runtime::q8::Q8Conv`]), which quantize their input with the calibrated range,
 //! multiply in int8 on the CPU's dot-product instructions and give f32 back. What they cannot
-//! take (grouped and depthwise convolutions, matrix products, layers without a usable range)
+//! take (grouped convolutions, matrix products, layers without a usable range)
 //! keeps int8 weights and f32 compute, as in the int8-weights scheme.
 //!
 //! The rewrite runs on the typed graph before decluttering, where every ONNX Conv is still one
@@ -81,8 +81,10 @@ pub fn unsupported(model: &TypedModel, layer: &Layer) -> Option<&'static str> {
         return Some("not a convolution");
     };
     let fmt = conv.pool_spec.data_format;
-    if conv.group != 1 {
-        return Some("grouped or depthwise convolution");
+    let spec = &conv.pool_spec;
+    let depthwise = conv.group == spec.input_channels && conv.group == spec.output_channels;
+    if conv.group != 1 && !depthwise {
+        return Some("grouped convolution (only plain and depthwise ones compute in int8)");
     }
     if conv.q_params.is_some()
         || conv.kernel_fmt != KernelFormat::OIHW
@@ -140,6 +142,7 @@ pub fn with_int8_compute(
         let geometry = Geometry {
             input_channels: cin,
             output_channels: cout,
+            group: conv.group,
             kernel: [spec.kernel_shape[0], spec.kernel_shape[1]],
             strides: [spec.strides()[0], spec.strides()[1]],
             dilations: [spec.dilations()[0], spec.dilations()[1]],
