@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Issue 3's benchmark: neo f32 vs neo int8 vs onnxruntime f32 vs onnxruntime int8
+"""Issue 3's benchmark: neo f32 vs neo int8 (int8 weights; int8 compute) vs onnxruntime f32 vs onnxruntime int8
 (quantize_static, same calibration images), side by side in one run, on SqueezeNet 1.1 and
 EfficientNet-Lite0; also onnxruntime running neoc's own QDQ export (--emit-qdq). Prints a
 Markdown table for docs/benchmarks.md and writes the raw figures as JSON.
@@ -97,6 +97,7 @@ def main():
         for name, onnx_path, card, qflags in models:
             f32 = os.path.join(tmp, name + ".neo")
             i8 = os.path.join(tmp, name + ".int8.neo")
+            c8 = os.path.join(tmp, name + ".int8-compute.neo")
             qdq = os.path.join(tmp, name + ".neoc-qdq.onnx")
             subprocess.run([neoc, "compile", onnx_path, "--card", card, "-t", "x86_64", "-o", f32],
                            check=True, stderr=subprocess.DEVNULL)
@@ -105,11 +106,16 @@ def main():
                                    "--quantize", "int8", "--calibration", calib, "--emit-qdq", qdq, *qflags],
                                   check=True, capture_output=True, text=True).stdout
             compile_s = time.perf_counter() - t
+            # The int8-compute scheme (what boards with int8_compute get), same calibration.
+            gate_c8 = subprocess.run([neoc, "compile", onnx_path, "--card", card, "-t", "x86_64", "-o", c8,
+                                      "--quantize", "int8", "--calibration", calib, "--scheme", "int8-compute",
+                                      *qflags], check=True, capture_output=True, text=True).stdout
             report = json.loads(subprocess.run([neo_run, "verify", i8], check=True, capture_output=True,
                                                text=True).stdout)["quantization"]
             # Same preprocessed inputs for everyone.
             ref = dump(neo_run, f32, tests, os.path.join(tmp, name + "-f32"))
             got = dump(neo_run, i8, tests, os.path.join(tmp, name + "-int8"))
+            got_c8 = dump(neo_run, c8, tests, os.path.join(tmp, name + "-int8-compute"))
             cal = dump(neo_run, f32, [calib], os.path.join(tmp, name + "-cal"))
             inputs = {k: v[0] for k, v in ref.items()}
             ref_out = {k: v[1] for k, v in ref.items()}
@@ -155,16 +161,19 @@ def main():
 
             x_path = os.path.join(tmp, "x.npy")
             np.save(x_path, next(iter(inputs.values())))
-            row = {"model": name, "compile_int8_s": compile_s, "gate": gate, "quantization": report,
+            row = {"model": name, "compile_int8_s": compile_s, "gate": gate, "gate_int8_compute": gate_c8,
+                   "quantization": report,
                    "sizes": {"neo_f32": os.path.getsize(f32), "neo_int8": os.path.getsize(i8),
+                             "neo_int8_compute": os.path.getsize(c8),
                              "onnx_f32": os.path.getsize(onnx_path), "ort_int8": os.path.getsize(ort_i8),
                              "neoc_qdq": os.path.getsize(qdq)},
                    "agreement": {"neo_int8": agreement(ref_out, {k: v[1] for k, v in got.items()}),
+                                 "neo_int8_compute": agreement(ref_out, {k: v[1] for k, v in got_c8.items()}),
                                  "ort_f32": agreement(ref_out, ort_outputs(onnx_path)),
                                  "ort_int8": agreement(ref_out, ort_outputs(ort_i8)),
                                  "ort_on_neoc_qdq": agreement(ref_out, ort_outputs(qdq))},
                    "speed": {}}
-            for key, art in [("neo_f32", f32), ("neo_int8", i8)]:
+            for key, art in [("neo_f32", f32), ("neo_int8", i8), ("neo_int8_compute", c8)]:
                 b = run_json([neo_run, "bench", art, "--image", image, "--runs", str(a.runs),
                               "--threads", str(a.threads), "--loads", "1"])
                 row["speed"][key] = {"load_ms": b["load_ms"]["p50"], "p50": b["inference_ms"]["p50"],
@@ -178,14 +187,16 @@ def main():
     print(f"Machine: {cpu}, {os.cpu_count()} cores; onnxruntime {ort.__version__}; {a.threads} thread(s); "
           f"{a.runs} timed runs after 5 warm-up runs; agreement on {len(ref)} mvtec_bottle test images.\n")
     labels = {"neo_f32": "neo f32", "neo_int8": "neo int8 (int8 weights, f32 compute)",
+              "neo_int8_compute": "neo int8 compute (neo_q8_conv)",
               "ort_f32": "onnxruntime f32", "ort_int8": "onnxruntime int8 (quantize_static QDQ)",
               "ort_on_neoc_qdq": "onnxruntime on neoc's QDQ export"}
-    size_key = {"neo_f32": "neo_f32", "neo_int8": "neo_int8", "ort_f32": "onnx_f32", "ort_int8": "ort_int8",
+    size_key = {"neo_f32": "neo_f32", "neo_int8": "neo_int8", "neo_int8_compute": "neo_int8_compute",
+                "ort_f32": "onnx_f32", "ort_int8": "ort_int8",
                 "ort_on_neoc_qdq": "neoc_qdq"}
     print("| model | runtime | file MiB | load ms | p50 ms | p99 ms | peak RSS MiB | top-1 agr. vs neo f32 | cosine mean / min |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
-        for key in ["neo_f32", "neo_int8", "ort_f32", "ort_int8", "ort_on_neoc_qdq"]:
+        for key in ["neo_f32", "neo_int8", "neo_int8_compute", "ort_f32", "ort_int8", "ort_on_neoc_qdq"]:
             s = r["speed"][key]
             g = r["agreement"].get(key)
             agr = f"{g['top1_agreement'] * 100:.1f} %" if g else "(reference)"
@@ -194,7 +205,8 @@ def main():
                   f"{s['p50']:.2f} | {s['p99']:.2f} | {s['peak_rss_mib']:.0f} | {agr} | {cos} |")
     for r in results:
         print(f"\n{r['model']}: compile --quantize int8 {r['compile_int8_s']:.1f} s; "
-              f"{r['quantization']['int8_layers']} int8 layers, f32: {r['quantization']['f32_layers']}\n{r['gate']}")
+              f"{r['quantization']['int8_layers']} int8 layers, f32: {r['quantization']['f32_layers']}\n{r['gate']}"
+              f"\nint8 compute:\n{r['gate_int8_compute']}")
     if a.json:
         json.dump(results, open(a.json, "w"), indent=2, default=str)
 

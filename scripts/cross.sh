@@ -10,7 +10,8 @@
 #     test    build + the device crates' tests under qemu (neo-sensor, neo-runtime, and the
 #             neo-gateway library tests)
 #     smoke   build + run `neo-run --version` and one sensor replay under qemu
-#     compare build + the compiled models' outputs here vs on the target (f32, within 1e-4)
+#     compare build + the compiled models' outputs here vs on the target (f32, int8 weights and
+#             int8 compute, within 1e-4)
 #     bundle  build + `neoc bundle` for $BOARD (default rpi4, rpi4-32 for armv7), installed into an empty root,
 #             the installed daemon started under qemu
 #     env     print the environment a cross cargo needs (eval "$(scripts/cross.sh T env)")
@@ -144,6 +145,10 @@ case $mode in
       calib="--quantize int8 --calibration $data/images/mvtec_bottle/train/good --max-images 40 --max-drop 99 --min-cosine 0"
       models+=("squeezenet1.1-int8|$data/models/squeezenet1.1/squeezenet1.1_fp32_derived.onnx|--card models/cards/squeezenet1.1.toml $calib|$data/models/squeezenet1.1/sanity/bald_eagle.jpeg")
       models+=("efficientnet-lite0-int8|$data/models/efficientnet_lite0/efficientnet_lite0_derived.onnx|--card models/cards/efficientnet_lite0.toml $calib|$data/models/squeezenet1.1/sanity/pelican.jpeg")
+      # int8 compute (neo_q8_conv): the dot-product kernel there, VNNI or portable here; the
+      # integer sums are exact, so the outputs agree as closely as the f32 ones.
+      models+=("squeezenet1.1-int8-compute|$data/models/squeezenet1.1/squeezenet1.1_fp32_derived.onnx|--card models/cards/squeezenet1.1.toml $calib --scheme int8-compute|$data/models/squeezenet1.1/sanity/bald_eagle.jpeg")
+      models+=("efficientnet-lite0-int8-compute|$data/models/efficientnet_lite0/efficientnet_lite0_derived.onnx|--card models/cards/efficientnet_lite0.toml $calib --scheme int8-compute|$data/models/squeezenet1.1/sanity/pelican.jpeg")
     else
       echo "($data/models not found: comparing the shipped classifier only)"
     fi
