@@ -106,6 +106,7 @@ pub struct Buses {
 
 const SHIPPED: &[(&str, &str)] = &[
     ("x86_64.toml", include_str!("../profiles/x86_64.toml")),
+    ("x86_64-vnni.toml", include_str!("../profiles/x86_64-vnni.toml")),
     ("rpi4.toml", include_str!("../profiles/rpi4.toml")),
     ("rpi5.toml", include_str!("../profiles/rpi5.toml")),
     ("rpi4-32.toml", include_str!("../profiles/rpi4-32.toml")),
@@ -233,7 +234,7 @@ mod tests {
         }
         assert_eq!(
             Boards::shipped().names(),
-            ["jetson-orin-nano", "rpi4", "rpi4-32", "rpi5", "x86_64"]
+            ["jetson-orin-nano", "rpi4", "rpi4-32", "rpi5", "x86_64", "x86_64-vnni"]
         );
         // Every ARM board says where its trigger and reject lines are, and no two boards of
         // the same triple disagree on it silently: the 32-bit Pi is its own profile.

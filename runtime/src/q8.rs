@@ -418,6 +418,11 @@ impl Q8Conv {
         for c in 0..g.output_channels {
             let plane = &q[c * h * w..(c + 1) * h * w];
             for (y, row) in plane.chunks_exact(w).enumerate() {
+                if sx == 1 {
+                    let start = (y + top) * phase_w + left;
+                    phases[start..start + w].copy_from_slice(row);
+                    continue;
+                }
                 for phase in 0..sx {
                     // Padded columns px ≡ phase (mod sx) go to phase `phase`, column px / sx.
                     let first = (phase + sx - left % sx) % sx; // first x with (x + left) % sx == phase
@@ -444,8 +449,15 @@ impl Q8Conv {
                     let base = oy * sy * phase_w + x0;
                     let acc = dw_block(kernel, &phases, base, &offsets, &taps);
                     let n = (ow - x0).min(DW_BLOCK);
-                    for (o, a) in out_row[x0..x0 + n].iter_mut().zip(&acc) {
-                        *o = *a as f32 * mul + off;
+                    if let Ok(o) = <&mut [f32; DW_BLOCK]>::try_from(&mut out_row[x0..x0 + n]) {
+                        // A whole block: one vector operation each.
+                        for (o, a) in o.iter_mut().zip(&acc) {
+                            *o = *a as f32 * mul + off;
+                        }
+                    } else {
+                        for (o, a) in out_row[x0..x0 + n].iter_mut().zip(&acc) {
+                            *o = *a as f32 * mul + off;
+                        }
                     }
                 }
             }
