@@ -106,13 +106,16 @@ pub struct Buses {
 
 const SHIPPED: &[(&str, &str)] = &[
     ("x86_64.toml", include_str!("../profiles/x86_64.toml")),
-    ("x86_64-vnni.toml", include_str!("../profiles/x86_64-vnni.toml")),
     ("rpi4.toml", include_str!("../profiles/rpi4.toml")),
     ("rpi5.toml", include_str!("../profiles/rpi5.toml")),
     ("rpi4-32.toml", include_str!("../profiles/rpi4-32.toml")),
     (
         "jetson-orin-nano.toml",
         include_str!("../profiles/jetson-orin-nano.toml"),
+    ),
+    (
+        "x86_64-vnni.toml",
+        include_str!("../profiles/x86_64-vnni.toml"),
     ),
 ];
 
@@ -234,7 +237,14 @@ mod tests {
         }
         assert_eq!(
             Boards::shipped().names(),
-            ["jetson-orin-nano", "rpi4", "rpi4-32", "rpi5", "x86_64", "x86_64-vnni"]
+            [
+                "jetson-orin-nano",
+                "rpi4",
+                "rpi4-32",
+                "rpi5",
+                "x86_64",
+                "x86_64-vnni"
+            ]
         );
         // Every ARM board says where its trigger and reject lines are, and no two boards of
         // the same triple disagree on it silently: the 32-bit Pi is its own profile.

@@ -245,8 +245,13 @@ pub fn compile_imported(
         let mut quantized = quantize::quantize(source, &reference, &input, &outputs, &board, q)?;
         let (bytes, packed) = neo_runtime::int8::pack(&write_nnef(&quantized.model)?, 64)?;
         quantized.report.packed_tensors = packed.len();
-        // The same graph with every tensor as f32: what the device unpacks it to.
-        quantized.report.graph_bytes_f32 = neo_runtime::int8::unpack(&bytes)?.len() as u64;
+        // The same graph with every tensor as f32: what the device unpacks it to (int8
+        // compute keeps int8 on the device: there, the f32 graph itself).
+        quantized.report.graph_bytes_f32 = if scheme == quantize::SCHEME_INT8_COMPUTE {
+            write_nnef(&typed)?.len() as u64
+        } else {
+            neo_runtime::int8::unpack(&bytes)?.len() as u64
+        };
         quantized.report.graph_bytes = bytes.len() as u64;
         nnef_bytes = bytes;
         expected_plan = quantized.plan.clone();

@@ -105,11 +105,12 @@ pub fn unsupported(model: &TypedModel, layer: &Layer) -> Option<&'static str> {
 }
 
 /// `model` with the chosen layers' weights in int8 (and biases corrected) and, where the
-/// layer can, the convolution replaced by a `neo_q8_conv` node. Returns the names of the
-/// layers that compute in int8.
+/// layer can and is not in `weights_only`, the convolution replaced by a `neo_q8_conv` node.
+/// Returns the names of the layers that compute in int8.
 pub fn with_int8_compute(
     model: &TypedModel,
     chosen: &[Chosen],
+    weights_only: &[&str],
 ) -> Result<(TypedModel, Vec<String>)> {
     let weights: Vec<_> = chosen.iter().map(|(l, q, s, _)| (*l, *q, *s)).collect();
     // Biases corrected and weights dequantized first: the layers that stay f32 compute need
@@ -117,7 +118,7 @@ pub fn with_int8_compute(
     let mut model = super::weights::with_int8_weights(model, &weights)?;
     let mut rewritten = Vec::new();
     for (layer, q, _, range) in chosen {
-        if unsupported(&model, layer).is_some() {
+        if weights_only.contains(&layer.name.as_str()) || unsupported(&model, layer).is_some() {
             continue;
         }
         let Some((input_scale, input_zero)) = input_quantization(range) else {

@@ -432,37 +432,45 @@ pub fn quantize(
             .expect("every layer's activation was measured");
         &ranges[k]
     };
-    // The graph with every layer but `f32_layers` quantized, and the layers computing in int8.
-    let build_with = |f32_layers: &[usize]| -> Result<(TypedModel, Vec<String>)> {
-        let chosen: Vec<_> = layers
-            .iter()
-            .zip(&quantized)
-            .enumerate()
-            .filter(|(i, _)| !f32_layers.contains(i))
-            .map(|(i, (l, q))| {
-                let shift = if opts.bias_correction {
-                    shifts[i].as_ref()
-                } else {
-                    None
-                };
-                (l, q, shift, range_of(l))
-            })
-            .collect();
-        if int8_compute {
-            compute::with_int8_compute(typed, &chosen)
-        } else {
-            let chosen: Vec<_> = chosen.into_iter().map(|(l, q, s, _)| (l, q, s)).collect();
-            Ok((weights::with_int8_weights(typed, &chosen)?, Vec::new()))
-        }
-    };
-    let build = |f32_layers: &[usize]| -> Result<TypedModel> { Ok(build_with(f32_layers)?.0) };
+    // The graph with every layer but `f32_layers` quantized (those in `weights_only` with f32
+    // compute), and the names of the layers computing in int8.
+    let build_with =
+        |f32_layers: &[usize], weights_only: &[usize]| -> Result<(TypedModel, Vec<String>)> {
+            let chosen: Vec<_> = layers
+                .iter()
+                .zip(&quantized)
+                .enumerate()
+                .filter(|(i, _)| !f32_layers.contains(i))
+                .map(|(i, (l, q))| {
+                    let shift = if opts.bias_correction {
+                        shifts[i].as_ref()
+                    } else {
+                        None
+                    };
+                    (l, q, shift, range_of(l))
+                })
+                .collect();
+            if int8_compute {
+                let names: Vec<&str> = weights_only
+                    .iter()
+                    .map(|i| layers[*i].name.as_str())
+                    .collect();
+                compute::with_int8_compute(typed, &chosen, &names)
+            } else {
+                let chosen: Vec<_> = chosen.into_iter().map(|(l, q, s, _)| (l, q, s)).collect();
+                Ok((weights::with_int8_weights(typed, &chosen)?, Vec::new()))
+            }
+        };
+    let build = |f32_layers: &[usize]| -> Result<TypedModel> { Ok(build_with(f32_layers, &[])?.0) };
     let evaluate = |model: &TypedModel, images: &[Tensor]| -> Result<Vec<Vec<Vec<f32>>>> {
         gate::run_all(&device_plan(model)?, images)
     };
 
     let mut f32_layers: Vec<usize> = Vec::new();
+    // Under int8 compute, layers taken out of it that keep int8 weights (f32 compute).
+    let mut weights_only: Vec<usize> = Vec::new();
     // The chosen model's plan is kept: the compile's self-check compares against it.
-    let (mut model, mut computed) = build_with(&f32_layers)?;
+    let (mut model, mut computed) = build_with(&f32_layers, &weights_only)?;
     let mut plan = device_plan(&model)?;
     let mut accuracy = refs.compare(&gate::run_all(&plan, &holdout)?, outputs, opts.budget);
     let mut sensitivity: Vec<Option<f64>> = vec![None; layers.len()];
@@ -488,16 +496,32 @@ pub fn quantize(
                 .partial_cmp(&sensitivity[*a])
                 .unwrap_or(std::cmp::Ordering::Equal)
         });
-        for i in order {
+        for &i in &order {
             f32_layers.push(i);
             if f32_layers.len() == layers.len() {
                 break;
             }
-            (model, computed) = build_with(&f32_layers)?;
+            (model, computed) = build_with(&f32_layers, &weights_only)?;
             plan = device_plan(&model)?;
             accuracy = refs.compare(&gate::run_all(&plan, &holdout)?, outputs, opts.budget);
             if accuracy.iter().all(|a| a.passed) {
                 break;
+            }
+        }
+        // Under int8 compute, a layer taken out of it may still hold with int8 weights and f32
+        // compute (a quarter of the bytes): try each, least sensitive first, keep what passes.
+        if int8_compute && f32_layers.len() < layers.len() {
+            for i in f32_layers.clone().into_iter().rev() {
+                let fewer: Vec<usize> = f32_layers.iter().copied().filter(|j| *j != i).collect();
+                let mut more = weights_only.clone();
+                more.push(i);
+                let (m, c) = build_with(&fewer, &more)?;
+                let p = device_plan(&m)?;
+                let a = refs.compare(&gate::run_all(&p, &holdout)?, outputs, opts.budget);
+                if a.iter().all(|a| a.passed) {
+                    (model, computed, plan, accuracy) = (m, c, p, a);
+                    (f32_layers, weights_only) = (fewer, more);
+                }
             }
         }
         if f32_layers.len() == layers.len() {
@@ -526,7 +550,11 @@ pub fn quantize(
         } else if int8_compute && !in_int8 {
             Some(format!(
                 "int8 weight, f32 compute: {}",
-                compute::unsupported(typed, l).unwrap_or("its input's range is empty")
+                if weights_only.contains(&i) {
+                    "kept out of int8 compute by --mixed-precision (among the most sensitive)"
+                } else {
+                    compute::unsupported(typed, l).unwrap_or("its input's range is empty")
+                }
             ))
         } else {
             None
