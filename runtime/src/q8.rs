@@ -136,6 +136,9 @@ pub struct Q8Conv {
     pub weight_scales: Arc<Tensor>,
     /// Per output channel, f32.
     pub bias: Arc<Tensor>,
+    /// The output is clamped to `[lo, hi]`: a following ReLU or ReLU6 folded in (no clamp:
+    /// −∞, +∞).
+    pub clamp: [f32; 2],
     packed: Arc<Packed>,
 }
 
@@ -163,6 +166,7 @@ impl PartialEq for Q8Conv {
             && self.weights == other.weights
             && self.weight_scales == other.weight_scales
             && self.bias == other.bias
+            && self.clamp.map(f32::to_bits) == other.clamp.map(f32::to_bits)
     }
 }
 impl Eq for Q8Conv {}
@@ -258,6 +262,7 @@ impl Q8Conv {
             weights,
             weight_scales,
             bias,
+            clamp: [f32::NEG_INFINITY, f32::INFINITY],
             packed: Arc::new(Packed {
                 k4,
                 blocks,
@@ -267,6 +272,13 @@ impl Q8Conv {
                 offset,
             }),
         })
+    }
+
+    /// The same convolution with its output clamped to `[lo, hi]` (a ReLU folded in).
+    pub fn with_clamp(mut self, lo: f32, hi: f32) -> TractResult<Q8Conv> {
+        ensure!(lo <= hi, "clamp [{lo}, {hi}] is empty or not a number");
+        self.clamp = [lo, hi];
+        Ok(self)
     }
 
     /// The convolution of one image: `x` is `[C, H, W]`, `out` `[C', H', W']`.
@@ -380,10 +392,11 @@ impl Q8Conv {
                         break;
                     }
                     let (mul, off) = (p.multiplier[co], p.offset[co]);
+                    let [lo, hi] = self.clamp;
                     let fix = if flipped { 128 * p.sums[co] } else { 0 };
                     let row = &mut out[co * n..(co + 1) * n];
                     for i in 0..nr.min(n.saturating_sub(n0)) {
-                        row[n0 + i] = (acc[m * nr + i] + fix) as f32 * mul + off;
+                        row[n0 + i] = ((acc[m * nr + i] + fix) as f32 * mul + off).max(lo).min(hi);
                     }
                 }
             }
@@ -441,6 +454,7 @@ impl Q8Conv {
                 .map(|t| *t as i32)
                 .collect();
             let (mul, off) = (p.multiplier[c], p.offset[c]);
+            let [lo, hi] = self.clamp;
             let dst = &mut out[c * oh * ow..(c + 1) * oh * ow];
             for (oy, out_row) in dst.chunks_exact_mut(ow).enumerate() {
                 // Blocks of 16 columns summed in registers over all taps. The last block may
@@ -452,11 +466,11 @@ impl Q8Conv {
                     if let Ok(o) = <&mut [f32; DW_BLOCK]>::try_from(&mut out_row[x0..x0 + n]) {
                         // A whole block: one vector operation each.
                         for (o, a) in o.iter_mut().zip(&acc) {
-                            *o = *a as f32 * mul + off;
+                            *o = (*a as f32 * mul + off).max(lo).min(hi);
                         }
                     } else {
                         for (o, a) in out_row[x0..x0 + n].iter_mut().zip(&acc) {
-                            *o = *a as f32 * mul + off;
+                            *o = (*a as f32 * mul + off).max(lo).min(hi);
                         }
                     }
                 }
@@ -808,6 +822,7 @@ fn parameters() -> Vec<Parameter> {
         TypeName::Scalar.named("input_scale"),
         TypeName::Integer.named("input_zero"),
         TypeName::Integer.named("group").default(1),
+        TypeName::Scalar.array().named("clamp"),
     ]
 }
 
@@ -828,6 +843,10 @@ fn dump(ast: &mut IntoAst, node: &TypedNode, op: &Q8Conv) -> TractResult<Option<
             ("input_scale", numeric(op.input_scale)),
             ("input_zero", numeric(op.input_zero)),
             ("group", numeric(g.group)),
+            (
+                "clamp",
+                tract_nnef::ser::array(op.clamp.map(numeric).to_vec()),
+            ),
         ],
     )))
 }
@@ -879,6 +898,11 @@ fn load(builder: &mut ModelBuilder, invocation: &ResolvedInvocation) -> TractRes
         kernel == [shape[2], shape[3]],
         "neo_q8_conv: kernel {kernel:?} vs weights {shape:?}"
     );
+    let clamp: TVec<f32> = invocation.named_arg_as(builder, "clamp")?;
+    ensure!(
+        clamp.len() == 2,
+        "neo_q8_conv: clamp needs 2 values, got {clamp:?}"
+    );
     let op = Q8Conv::new(
         geometry,
         input_scale,
@@ -886,7 +910,8 @@ fn load(builder: &mut ModelBuilder, invocation: &ResolvedInvocation) -> TractRes
         weights,
         weight_scales,
         bias,
-    )?;
+    )?
+    .with_clamp(clamp[0], clamp[1])?;
     builder.wire(op, &[input])
 }
 
@@ -1086,6 +1111,26 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_folded_relu6_clamps_the_output() {
+        let g = geometries()[2];
+        let op = conv(g, 0, 5);
+        let (h, w) = (9, 8);
+        let mut s = 17;
+        let x: Vec<f32> = (0..g.input_channels * h * w)
+            .map(|_| lcg(&mut s) * 2.0)
+            .collect();
+        let expected = reference(&op, &x, h, w);
+        let clamped = op.clone().with_clamp(0.0, 0.6).unwrap();
+        let mut out = vec![0f32; expected.len()];
+        clamped.run_image(Kernel::detect(), &x, h, w, &mut out);
+        assert!(expected.iter().any(|v| *v < 0.0) && expected.iter().any(|v| *v > 0.6));
+        for (a, b) in out.iter().zip(&expected) {
+            assert!((a - b.clamp(0.0, 0.6)).abs() <= 1e-4, "{a} vs {b}");
+        }
+        assert!(op.with_clamp(1.0, 0.0).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use super::weights::{Layer, QuantizedWeight};
 use crate::error::{tract, CompileError, Result};
 use neo_runtime::q8::{Geometry, Q8Conv};
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::cnn::conv::KernelFormat;
 use tract_onnx::tract_core::ops::cnn::Conv;
@@ -35,6 +36,58 @@ pub fn input_quantization(range: &ActivationRange) -> Option<(f32, u8)> {
     } else {
         (range.threshold / 127.5, 128)
     })
+}
+
+/// The clamp a convolution's only consumers apply to it: a `Max` with a constant (ReLU) and
+/// then a `Min` with a constant (ReLU6), each the only consumer of the one before, keeping
+/// the shape. Returns the bounds and the last outlet folded (the node's own without any).
+fn clamp_after(model: &TypedModel, node: &TypedNode) -> (f32, f32, OutletId) {
+    let (mut lo, mut hi) = (f32::NEG_INFINITY, f32::INFINITY);
+    let mut last = OutletId::new(node.id, 0);
+    let Ok(fact) = model.outlet_fact(last) else {
+        return (lo, hi, last);
+    };
+    let shape = fact.shape.clone();
+    for _ in 0..2 {
+        if model.output_outlets().is_ok_and(|o| o.contains(&last)) {
+            break;
+        }
+        let Ok(Some(succ)) = model.single_succ(last.node) else {
+            break;
+        };
+        let Some(bin) = succ.op_as::<TypedBinOp>() else {
+            break;
+        };
+        let (Some(a), Some(b)) = (succ.inputs.first(), succ.inputs.get(1)) else {
+            break;
+        };
+        let other = if *a == last { *b } else { *a };
+        let Some(c) = scalar_constant(model, other) else {
+            break;
+        };
+        let same_shape = model
+            .outlet_fact(OutletId::new(succ.id, 0))
+            .is_ok_and(|f| f.shape == shape && f.datum_type == f32::datum_type());
+        if !same_shape {
+            break;
+        }
+        match bin.0.name().as_ref() {
+            "Max" if lo == f32::NEG_INFINITY && c <= hi => lo = c,
+            "Min" if hi == f32::INFINITY && c >= lo => hi = c,
+            _ => break,
+        }
+        last = OutletId::new(succ.id, 0);
+    }
+    (lo, hi, last)
+}
+
+/// The value of a constant whose elements are all the same.
+fn scalar_constant(model: &TypedModel, outlet: OutletId) -> Option<f32> {
+    let konst = model.outlet_fact(outlet).ok()?.konst.clone()?;
+    let konst = konst.cast_to::<f32>().ok()?;
+    let values = konst.to_plain_array_view::<f32>().ok()?;
+    let first = *values.iter().next()?;
+    values.iter().all(|v| *v == first).then_some(first)
 }
 
 /// The typed graph as the rewrite wants it: constants cast at load time (ONNX biases come
@@ -198,8 +251,13 @@ pub fn with_int8_compute(
             tensor1(&bias).into_arc_tensor(),
         )
         .map_err(&err)?;
-        let patch = TypedModelPatch::replace_single_op(&model, &node, &[node.inputs[0]], op)
-            .map_err(&err)?;
+        // A ReLU / ReLU6 right after it (Max, then Min, with constants) is folded in.
+        let (lo, hi, last) = clamp_after(&model, &node);
+        let op = op.with_clamp(lo, hi).map_err(&err)?;
+        let mut patch = TypedModelPatch::default();
+        let x = patch.tap_model(&model, node.inputs[0]).map_err(&err)?;
+        let y = patch.wire_node(&node.name, op, &[x]).map_err(&err)?;
+        patch.shunt_outside(&model, last, y[0]).map_err(&err)?;
         patch.apply(&mut model).map_err(&err)?;
         rewritten.push(layer.name.clone());
     }
