@@ -147,6 +147,33 @@ impl Model {
         self.threads
     }
 
+    /// The int8 kernel this CPU runs the model's `neo_q8_conv` convolutions on (`None`: the
+    /// model has none).
+    pub fn int8_kernel(&self) -> Option<crate::q8::Kernel> {
+        let has = self
+            .plan
+            .model()
+            .nodes()
+            .iter()
+            .any(|n| n.op_is::<crate::q8::Q8Conv>());
+        has.then(crate::q8::Kernel::detect)
+    }
+
+    /// What the device should hear about running this model here: an int8-compute model on a
+    /// CPU without an int8 dot product runs slower than its f32 form would.
+    pub fn warnings(&self) -> Vec<String> {
+        match self.int8_kernel() {
+            Some(k) if !k.is_dot_product() => vec![format!(
+                "the model's int8 convolutions run on the {} kernel here, without an int8 \
+                 dot-product instruction (AVX-512 VNNI, Arm dotprod): several times slower \
+                 than f32; compile it for a board profile with int8_compute = false (e.g. \
+                 x86_64, rpi4)",
+                k.name()
+            )],
+            _ => Vec::new(),
+        }
+    }
+
     /// Time `load`/`from_artifact` took (verify + parse + optimize).
     pub fn load_time(&self) -> Duration {
         self.load_time

@@ -36,6 +36,8 @@ const DW_BLOCK: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     Portable,
+    /// x86_64 with AVX2 but no VNNI: the portable code compiled for AVX2.
+    Avx2,
     /// x86_64 AVX-512 VNNI (`vpdpbusd`).
     Avx512Vnni,
     /// aarch64 Armv8.2 dot product (`sdot`).
@@ -43,21 +45,37 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs; `NEO_Q8_KERNEL=portable` forces the portable one.
+    /// The fastest kernel this CPU runs; `NEO_Q8_KERNEL=portable` (or `avx2`, where the CPU
+    /// has it) forces a slower one, for comparisons.
     pub fn detect() -> Kernel {
         static KERNEL: OnceLock<Kernel> = OnceLock::new();
         *KERNEL.get_or_init(|| {
-            if std::env::var("NEO_Q8_KERNEL").is_ok_and(|k| k == "portable") {
-                return Kernel::Portable;
+            let best = Kernel::best();
+            match std::env::var("NEO_Q8_KERNEL").as_deref() {
+                Ok("portable") => Kernel::Portable,
+                Ok("avx2") if best != Kernel::Portable && best != Kernel::NeonDot => Kernel::Avx2,
+                _ => best,
             }
-            Kernel::best()
         })
+    }
+
+    /// Whether this kernel runs on an int8 dot-product instruction (else int8 compute is
+    /// slower than f32 here).
+    pub fn is_dot_product(self) -> bool {
+        matches!(self, Kernel::Avx512Vnni | Kernel::NeonDot)
     }
 
     fn best() -> Kernel {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni") {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+        {
             return Kernel::Avx512Vnni;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            return Kernel::Avx2;
         }
         #[cfg(target_arch = "aarch64")]
         if std::arch::is_aarch64_feature_detected!("dotprod") {
@@ -69,7 +87,7 @@ impl Kernel {
     /// Pixels per tile.
     fn nr(self) -> usize {
         match self {
-            Kernel::Portable | Kernel::Avx512Vnni => 32,
+            Kernel::Portable | Kernel::Avx2 | Kernel::Avx512Vnni => 32,
             Kernel::NeonDot => 8,
         }
     }
@@ -77,6 +95,7 @@ impl Kernel {
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Portable => "portable",
+            Kernel::Avx2 => "avx2",
             Kernel::Avx512Vnni => "avx512-vnni",
             Kernel::NeonDot => "neon-dotprod",
         }
@@ -289,6 +308,29 @@ impl Q8Conv {
             // SAFETY: the VNNI kernel is chosen only on CPUs with AVX-512F/BW and VNNI.
             return unsafe { self.run_image_avx512(kernel, x, h, w, out) };
         }
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Avx2 {
+            // SAFETY: the AVX2 kernel is chosen only on CPUs with AVX2.
+            return unsafe { self.run_image_avx2(kernel, x, h, w, out) };
+        }
+        self.run_image_with(kernel, x, h, w, out)
+    }
+
+    /// [`Self::run_image_with`] compiled for AVX2 (the portable code, vectorized 8 wide).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_image_avx2(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        h: usize,
+        w: usize,
+        out: &mut [f32],
+    ) {
         self.run_image_with(kernel, x, h, w, out)
     }
 
@@ -508,6 +550,7 @@ fn dw_block(
 
 /// `q = round_half_even(clamp(x × inv + zero, 0, 255))`, per value.
 #[allow(unsafe_code)]
+#[inline(always)]
 fn quantize(kernel: Kernel, x: &[f32], inv: f32, zero: f32, q: &mut [u8]) {
     assert_eq!(x.len(), q.len());
     #[cfg(target_arch = "x86_64")]
@@ -521,6 +564,7 @@ fn quantize(kernel: Kernel, x: &[f32], inv: f32, zero: f32, q: &mut [u8]) {
 
 /// Rounds half to even by adding and taking away 1.5 × 2^23 (plain f32 arithmetic, where
 /// `round` is a libm call per value); NaN becomes 0.
+#[inline(always)]
 fn quantize_portable(x: &[f32], inv: f32, zero: f32, q: &mut [u8]) {
     const ROUND: f32 = 12_582_912.0;
     for (d, v) in q.iter_mut().zip(x) {
@@ -530,6 +574,7 @@ fn quantize_portable(x: &[f32], inv: f32, zero: f32, q: &mut [u8]) {
 
 /// One tile: `acc[m][i] = Σ_k w[k][m] · b[k][i]` for MR channels and the kernel's pixels.
 #[allow(unsafe_code)]
+#[inline(always)]
 fn tile(kernel: Kernel, k4: usize, w: &[i8], b: &[u8], stride: usize, acc: &mut [i32]) {
     assert!(w.len() >= k4 * MR * 4 && (k4 == 0 || b.len() >= (k4 - 1) * stride + kernel.nr() * 4));
     match kernel {
@@ -543,6 +588,7 @@ fn tile(kernel: Kernel, k4: usize, w: &[i8], b: &[u8], stride: usize, acc: &mut 
     }
 }
 
+#[inline(always)]
 fn tile_portable(k4: usize, w: &[i8], b: &[u8], stride: usize, acc: &mut [i32]) {
     const NR: usize = 32;
     let acc = &mut acc[..MR * NR];

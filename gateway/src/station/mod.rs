@@ -98,6 +98,9 @@ struct Shared {
 
 fn load_model(path: &std::path::Path, threads: Option<usize>) -> Result<LoadedModel, String> {
     let model = Model::load_with_threads(path, threads).map_err(|e| e.to_string())?;
+    for w in model.warnings() {
+        tracing::warn!(model = %path.display(), "{w}");
+    }
     let kind = parts::model_kind(&model);
     let name = model.manifest().name.clone();
     Ok(LoadedModel {

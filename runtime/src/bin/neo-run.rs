@@ -143,6 +143,9 @@ fn bench(
         model = Some(m);
     }
     let model = model.context("no model loaded")?;
+    for w in model.warnings() {
+        eprintln!("warning: {w}");
+    }
     let bytes = std::fs::read(image).with_context(|| format!("cannot read {}", image.display()))?;
     let img = preprocess::decode(&image.display().to_string(), &bytes)?;
     let (mut pre, mut inf, mut total) = (Vec::new(), Vec::new(), Vec::new());
@@ -164,6 +167,7 @@ fn bench(
         "image": image.display().to_string(),
         "runs": runs.max(1),
         "threads": model.threads(),
+        "int8_kernel": model.int8_kernel().map(|k| k.name()),
         "load_ms": stats(&load_ms),
         "preprocess_ms": stats(&pre),
         "inference_ms": stats(&inf),
@@ -515,6 +519,9 @@ fn run(cli: Cli) -> Result<bool> {
                     .with_context(|| format!("cannot create {}", dir.display()))?;
             }
             let model = Model::load_with_threads(&model, threads)?;
+            for w in model.warnings() {
+                eprintln!("warning: {w}");
+            }
             eprintln!(
                 "loaded {} ({} on {}, {} thread{}) in {:.1} ms",
                 model.manifest().name,
