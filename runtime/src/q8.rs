@@ -889,10 +889,7 @@ fn dump(ast: &mut IntoAst, node: &TypedNode, op: &Q8Conv) -> TractResult<Option<
             ("input_scale", numeric(op.input_scale)),
             ("input_zero", numeric(op.input_zero)),
             ("group", numeric(g.group)),
-            (
-                "clamp",
-                tract_nnef::ser::array(op.clamp.map(numeric).to_vec()),
-            ),
+            ("clamp", tract_nnef::ser::array(op.clamp.map(numeric))),
         ],
     )))
 }
