@@ -71,7 +71,7 @@ fn clamp_after(model: &TypedModel, node: &TypedNode) -> (f32, f32, OutletId) {
         if !same_shape {
             break;
         }
-        match bin.0.name().as_ref() {
+        match bin.0.name() {
             "Max" if lo == f32::NEG_INFINITY && c <= hi => lo = c,
             "Min" if hi == f32::INFINITY && c >= lo => hi = c,
             _ => break,
