@@ -810,12 +810,15 @@ impl EvalOp for Q8Conv {
         let x = x.as_slice().context("input is not contiguous")?;
         let kernel = Kernel::detect();
         let (per_in, per_out) = (g.input_channels * h * w, g.output_channels * oh * ow);
-        let mut out = vec![0f32; batch * per_out];
-        for (image, dst) in x.chunks_exact(per_in).zip(out.chunks_exact_mut(per_out)) {
-            self.run_image(kernel, image, h, w, dst);
+        // Written in place: the tensor tract gets is the buffer the kernels fill.
+        let mut out = Tensor::zero::<f32>(&[batch, g.output_channels, oh, ow])?;
+        {
+            let mut view = out.to_plain_array_view_mut::<f32>()?;
+            let dst = view.as_slice_mut().context("a new tensor is contiguous")?;
+            for (image, dst) in x.chunks_exact(per_in).zip(dst.chunks_exact_mut(per_out)) {
+                self.run_image(kernel, image, h, w, dst);
+            }
         }
-        let shape = [batch, g.output_channels, oh, ow];
-        let out = tract_ndarray::ArrayD::from_shape_vec(&shape[..], out)?;
         Ok(tvec!(out.into_tvalue()))
     }
 }
