@@ -397,24 +397,61 @@ impl Q8Conv {
             let [sy, sx] = g.strides;
             let [dy, dx] = g.dilations;
             let (top, left) = (g.padding[0], g.padding[1]);
-            for row in 0..g.depth() {
-                let (ci, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
-                let plane = &q[ci * h * w..(ci + 1) * h * w];
-                let dst = &mut b[(row / 4) * npad * 4 + row % 4..];
-                // The output columns whose input column ox·sx + kx·dx − left is inside.
-                let shift = kx * dx;
-                let lo = left.saturating_sub(shift).div_ceil(sx).min(ow);
-                let hi = (w + left).saturating_sub(shift).div_ceil(sx).clamp(lo, ow);
+            // Per row of the im2col matrix: its plane, its kernel row offset, and the output
+            // columns whose input column ox·sx + kx·dx − left is inside.
+            let rows: Vec<(usize, usize, usize, usize, usize)> = (0..g.depth())
+                .map(|row| {
+                    let (ci, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
+                    let shift = kx * dx;
+                    let lo = left.saturating_sub(shift).div_ceil(sx).min(ow);
+                    let hi = (w + left).saturating_sub(shift).div_ceil(sx).clamp(lo, ow);
+                    (ci, ky * dy, shift, lo, hi)
+                })
+                .collect();
+            // The input row an output row reads for a kernel row offset, if inside.
+            let input_row = |oy: usize, ky: usize| {
+                let iy = oy * sy + ky;
+                (iy >= top && iy - top < h).then(|| iy - top)
+            };
+            for (kb, group) in rows.chunks(4).enumerate() {
+                let dst = &mut b[kb * npad * 4..(kb + 1) * npad * 4];
                 for oy in 0..oh {
-                    let iy = oy * sy + ky * dy;
-                    if iy < top || iy - top >= h {
-                        continue; // stays the zero point
+                    let out_row = &mut dst[oy * ow * 4..(oy + 1) * ow * 4];
+                    let src = |j: usize| {
+                        let (ci, ky, _, _, _) = group[j];
+                        input_row(oy, ky).map(|iy| &q[(ci * h + iy) * w..(ci * h + iy + 1) * w])
+                    };
+                    // Four rows inside over a common span: written as 4-byte groups.
+                    let (mut lo, mut hi) = (0, ow);
+                    let full = group.len() == 4
+                        && (0..4).all(|j| {
+                            lo = lo.max(group[j].3);
+                            hi = hi.min(group[j].4);
+                            src(j).is_some()
+                        });
+                    if full && lo < hi {
+                        let s: [&[u8]; 4] =
+                            std::array::from_fn(|j| src(j).expect("checked above"));
+                        let at = |j: usize, ox: usize| ox * sx + group[j].2 - left;
+                        for (ox, d) in (lo..hi).zip(out_row[lo * 4..hi * 4].chunks_exact_mut(4)) {
+                            d.copy_from_slice(&[
+                                s[0][at(0, ox)],
+                                s[1][at(1, ox)],
+                                s[2][at(2, ox)],
+                                s[3][at(3, ox)],
+                            ]);
+                        }
+                    } else {
+                        (lo, hi) = (ow, ow); // nothing written yet
                     }
-                    let src = &plane[(iy - top) * w..(iy - top + 1) * w];
-                    let out_row = &mut dst[(oy * ow + lo) * 4..(oy * ow + hi) * 4];
-                    let from = &src[lo * sx + shift - left..];
-                    for (d, v) in out_row.iter_mut().step_by(4).zip(from.iter().step_by(sx)) {
-                        *d = *v;
+                    // The rest, one row at a time (edges, rows outside, a last partial group).
+                    for (j, &(_, _, shift, rlo, rhi)) in group.iter().enumerate() {
+                        let Some(s) = src(j) else {
+                            continue; // stays the zero point
+                        };
+                        for ox in (rlo..rhi.min(lo)).chain(rlo.max(hi)..rhi) {
+                            out_row[ox * 4 + j] = s[ox * sx + shift - left];
+                        }
                     }
                 }
             }
