@@ -430,8 +430,7 @@ impl Q8Conv {
                             src(j).is_some()
                         });
                     if full && lo < hi {
-                        let s: [&[u8]; 4] =
-                            std::array::from_fn(|j| src(j).expect("checked above"));
+                        let s: [&[u8]; 4] = std::array::from_fn(|j| src(j).expect("checked above"));
                         let at = |j: usize, ox: usize| ox * sx + group[j].2 - left;
                         for (ox, d) in (lo..hi).zip(out_row[lo * 4..hi * 4].chunks_exact_mut(4)) {
                             d.copy_from_slice(&[
