@@ -31,6 +31,9 @@ const MR: usize = 8;
 const NR_PAD: usize = 32;
 /// Depthwise outputs are summed this many columns at a time.
 const DW_BLOCK: usize = 16;
+/// Largest kernel side, stride and dilation accepted, and largest padding.
+const MAX_WINDOW: usize = 64;
+const MAX_PADDING: usize = 1024;
 
 /// Which int8 dot-product kernel runs the matrix products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +211,21 @@ impl Q8Conv {
                 .chain(&g.dilations)
                 .all(|v| *v > 0),
             "kernel, strides and dilations must be positive"
+        );
+        // A damaged or crafted graph must not make the device allocate without bound.
+        ensure!(
+            g.kernel
+                .iter()
+                .chain(&g.strides)
+                .chain(&g.dilations)
+                .all(|v| *v <= MAX_WINDOW)
+                && g.padding.iter().all(|p| *p <= MAX_PADDING),
+            "kernel {:?}, strides {:?}, dilations {:?} (at most {MAX_WINDOW}) or padding {:?} \
+             (at most {MAX_PADDING}) out of range",
+            g.kernel,
+            g.strides,
+            g.dilations,
+            g.padding
         );
         ensure!(
             input_scale.is_finite() && input_scale > 0.0,
@@ -1213,6 +1231,22 @@ mod tests {
             assert!((a - b.clamp(0.0, 0.6)).abs() <= 1e-4, "{a} vs {b}");
         }
         assert!(op.with_clamp(1.0, 0.0).is_err());
+    }
+
+    #[test]
+    fn a_geometry_out_of_range_is_refused() {
+        let mut g = geometries()[2];
+        g.padding = [1 << 30, 0, 0, 0];
+        let err = Q8Conv::new(
+            g,
+            0.1,
+            0,
+            conv(geometries()[2], 0, 1).weights,
+            tensor1(&[1f32; 9]).into_arc_tensor(),
+            tensor1(&[0f32; 9]).into_arc_tensor(),
+        )
+        .unwrap_err();
+        assert!(format!("{err}").contains("out of range"), "{err}");
     }
 
     #[test]
