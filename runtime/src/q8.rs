@@ -402,7 +402,8 @@ impl Q8Conv {
         let mut b = vec![self.input_zero; p.k4 * npad * 4];
         let [kh, kw] = g.kernel;
         if [kh, kw] == [1, 1] && g.strides == [1, 1] && g.padding == [0; 4] {
-            // Pointwise: the rows are the channels, interleaved four at a time.
+            // Pointwise: the rows are the channels, interleaved four at a time, whole planes at
+            // once (the general path below, per output row, made SqueezeNet 10.3 ms, not 8.7).
             for (kb, dst) in b.chunks_exact_mut(npad * 4).enumerate() {
                 let row = |j: usize| q.get((kb * 4 + j) * n..(kb * 4 + j + 1) * n);
                 if let (Some(r0), Some(r1), Some(r2), Some(r3)) = (row(0), row(1), row(2), row(3)) {

@@ -215,13 +215,7 @@ pub fn with_int8_compute(
                     .konst
                     .clone()
                     .ok_or_else(|| CompileError::Quantize("a bias is no longer constant".into()))?;
-                let value = value.cast_to::<f32>().map_err(&err)?;
-                let v: Vec<f32> = value
-                    .to_plain_array_view::<f32>()
-                    .map_err(&err)?
-                    .iter()
-                    .copied()
-                    .collect();
+                let v = super::weights::f32_values(&value)?;
                 match v.len() {
                     1 => vec![v[0]; cout],
                     n if n == cout => v,
@@ -235,13 +229,7 @@ pub fn with_int8_compute(
             }
             None => vec![0.0; cout],
         };
-        let scales: Vec<f32> = q
-            .scales
-            .to_plain_array_view::<f32>()
-            .map_err(&err)?
-            .iter()
-            .copied()
-            .collect();
+        let scales = super::weights::f32_values(&q.scales)?;
         let op = Q8Conv::new(
             geometry,
             input_scale,

@@ -533,13 +533,7 @@ pub fn export(
             _ => vec![0.0; channels],
         };
         let q = super::weights::quantize_weight_with_floors(&value, Some(*axis), &floors)?;
-        let w_scales: Vec<f32> = q
-            .scales
-            .to_plain_array_view::<f32>()
-            .map_err(tract("read scales"))?
-            .iter()
-            .copied()
-            .collect();
+        let w_scales = super::weights::f32_values(&q.scales)?;
         let values: Vec<u8> = q
             .values
             .to_plain_array_view::<i8>()

@@ -242,6 +242,16 @@ pub struct QuantizedWeight {
 }
 
 /// Symmetric narrow-range (−127..127) quantization per output channel.
+/// A tensor's values as f32 (cast first when it holds another type), in memory order.
+pub fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
+    let t = t.cast_to::<f32>().map_err(tract("read a constant"))?;
+    Ok(t.to_plain_array_view::<f32>()
+        .map_err(tract("read a constant"))?
+        .iter()
+        .copied()
+        .collect())
+}
+
 pub fn quantize_weight(weight: &Tensor, channel_axis: Option<usize>) -> Result<QuantizedWeight> {
     quantize_weight_with_floors(weight, channel_axis, &[])
 }
@@ -254,12 +264,7 @@ pub fn quantize_weight_with_floors(
     floors: &[f32],
 ) -> Result<QuantizedWeight> {
     let shape = weight.shape().to_vec();
-    let data: Vec<f32> = weight
-        .to_plain_array_view::<f32>()
-        .map_err(tract("read a weight"))?
-        .iter()
-        .copied()
-        .collect();
+    let data = f32_values(weight)?;
     let (channels, inner) = match channel_axis {
         Some(a) => (shape[a], shape[a + 1..].iter().product::<usize>()),
         None => (1, data.len()),
@@ -334,13 +339,7 @@ pub fn with_int8_weights(
             .op_as::<Const>()
             .map(|c| c.val().clone())
             .ok_or_else(|| CompileError::Quantize("a bias is no longer constant".into()))?;
-        let old = old.cast_to::<f32>().map_err(&err)?.into_owned();
-        let values: Vec<f32> = old
-            .to_plain_array_view::<f32>()
-            .map_err(&err)?
-            .iter()
-            .copied()
-            .collect();
+        let values = f32_values(&old)?;
         let n = shift.len();
         let corrected: Vec<f32> = match values.len() {
             1 => shift.iter().map(|s| values[0] - s).collect(),
